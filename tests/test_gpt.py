@@ -1,0 +1,456 @@
+"""
+Tests for gpt.py: model parity (KV cache vs full recompute), Engine sampling and tool use,
+the calculator, Muon + AdamW, checkpoints, overrides, and the download helper against a real
+loopback HTTP server. CPU, fp32, deterministic. The 2-process torchrun test is in test_gpt_dist.py.
+"""
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import bpe
+import gpt
+
+TINY = gpt.GPTConfig(sequence_len=32, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMCHAT_HOME", str(tmp_path / "home"))
+
+
+def random_model(config, seed=0):
+    """A model whose every weight is random (init_weights zeroes the head, which makes outputs flat)."""
+    torch.manual_seed(seed)
+    model = gpt.new_model(config, "cpu", torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    text = "the answer is 2+3=5 and 12*4=48; 'strawberry'.count('r') gives 3. " * 20
+    return bpe.Tokenizer.train([text], vocab_size=300)
+
+# ---------------------------------------------------------------------------
+# model
+
+
+def test_forward_shapes_and_loss_reductions():
+    model = random_model(TINY)
+    idx = torch.randint(0, TINY.vocab_size, (3, 10))
+    targets = idx.clone()
+    targets[0, :4] = -1
+    assert model(idx).shape == (3, 10, TINY.vocab_size) and model(idx).dtype == torch.float32
+    per_token = model(idx, targets, loss_reduction="none")
+    assert per_token.shape == (3, 10) and (per_token[0, :4] == 0).all()
+    assert torch.allclose(model(idx, targets), per_token.sum() / 26)
+
+
+def test_logits_are_softcapped_and_fresh_model_is_uniform():
+    """Zero-init head: a fresh model predicts uniformly; softcap bounds logits by 15."""
+    fresh = gpt.new_model(TINY, "cpu")
+    idx = torch.randint(0, TINY.vocab_size, (1, 8))
+    assert torch.allclose(fresh(idx), torch.zeros(1, 8, TINY.vocab_size))
+    with torch.no_grad():
+        fresh.lm_head.weight.fill_(100.0)
+    assert fresh(idx).abs().max() <= 15.0
+
+
+def test_kv_cache_logits_match_full_forward():
+    """Prefill, a 3-token chunk, then single tokens: every step's logits equal a full recompute (GQA, batch 2)."""
+    model = random_model(TINY)
+    seq = torch.randint(0, TINY.vocab_size, (2, 14))
+    full = model(seq)
+    cache = gpt.KVCache.for_model(model, 2, 14)
+    pieces = [(0, 6), (6, 9)] + [(t, t + 1) for t in range(9, 14)]
+    for a, b in pieces:
+        logits = model(seq[:, a:b], kv_cache=cache)
+        assert torch.allclose(logits, full[:, a:b], atol=1e-4), (a, b)
+    assert cache.pos == 14
+
+
+def test_param_counts_and_flops_match_reference():
+    """d20 at vocab 65,536: 560,988,160 params and 3.491758e9 FLOPs/token (REFERENCE §3.2)."""
+    config = gpt.config_from_depth(20, 65536, 2048)
+    assert (config.n_embd, config.n_head) == (1280, 10)
+    with torch.device("meta"):
+        model = gpt.GPT(config)
+    assert model.num_params()["total"] == 560_988_160
+    assert abs(model.estimate_flops() - 3.491758e9) < 1e3
+    with pytest.raises(ValueError, match="depth=25"):
+        gpt.config_from_depth(25, 65536, 2048)
+
+# ---------------------------------------------------------------------------
+# optimizer
+
+
+def test_adamw_half_matches_torch_adamw():
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(8, 16))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    ours = gpt.MuonAdamW([dict(params=[p1], kind="adamw", lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)])
+    ref = torch.optim.AdamW([p2], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    for _ in range(10):
+        g = torch.randn(8, 16)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert torch.allclose(p1, p2, atol=1e-6)
+
+
+def test_orthogonalize_is_near_semi_orthogonal():
+    """Polar Express after 5 steps: singular values of the update all close to 1, wide or tall."""
+    torch.manual_seed(0)
+    for shape in [(64, 32), (32, 64), (48, 48)]:
+        s = torch.linalg.svdvals(gpt.orthogonalize(torch.randn(1, *shape)).float()[0])
+        assert s.min() > 0.6 and s.max() < 1.2, (shape, s.min(), s.max())
+
+
+def test_first_muon_step_is_orthogonalized_gradient():
+    """One Muon step on a tall matrix moves it by lr·√(rows/cols)·(near-orthogonal matrix)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 16))
+    before = p.detach().clone()
+    opt = gpt.MuonAdamW([dict(params=[p], kind="muon", lr=0.02, momentum=0.95, ns_steps=5)])
+    p.grad = torch.randn(64, 16)
+    opt.step()
+    s = torch.linalg.svdvals((before - p.detach()) / (0.02 * 2.0))
+    assert s.min() > 0.6 and s.max() < 1.2, (s.min(), s.max())
+
+
+def test_optimizer_overfits_a_fixed_batch():
+    model = gpt.new_model(TINY, "cpu")
+    torch.manual_seed(1)
+    x = torch.randint(0, TINY.vocab_size, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    opt = model.setup_optimizer()
+    first = None
+    for _ in range(25):
+        loss = model(x, y)
+        first = first or loss.item()
+        loss.backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    assert first == pytest.approx(4.564, abs=0.01)   # ln(96): uniform at init
+    assert loss.item() < 0.5
+
+
+def test_optimizer_groups_and_lr_scaling():
+    """AdamW LRs scale by (n_embd/768)^-0.5; Muon groups hold one shape each; initial_lr is set."""
+    opt = gpt.new_model(TINY, "cpu").setup_optimizer(embedding_lr=0.2, unembedding_lr=0.004)
+    adamw = [g for g in opt.param_groups if g["kind"] == "adamw"]
+    assert [g["lr"] for g in adamw] == pytest.approx([0.004 * (64 / 768) ** -0.5, 0.2 * (64 / 768) ** -0.5])
+    for g in opt.param_groups:
+        assert g["initial_lr"] == g["lr"]
+        if g["kind"] == "muon":
+            assert len({p.shape for p in g["params"]}) == 1 and g["momentum"] == 0.95
+
+# ---------------------------------------------------------------------------
+# engine
+
+
+def engine_model(tokenizer, seed=0):
+    """A random model over the tokenizer's vocab whose head never prefers a special token."""
+    config = gpt.GPTConfig(sequence_len=64, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    model = random_model(config, seed)
+    with torch.no_grad():
+        for name in bpe.SPECIAL_TOKENS:
+            model.lm_head.weight[tokenizer.special(name)] = 0.0
+    return model
+
+
+def test_engine_greedy_matches_naive_generate(tokenizer):
+    model = engine_model(tokenizer)
+    prompt = tokenizer.encode("the answer is")
+    naive = model.naive_generate(prompt, 12)
+    columns = [col for col, _ in gpt.Engine(model, tokenizer).generate(prompt, num_samples=3, max_tokens=12, temperature=0.0)]
+    assert len(columns) == 12
+    for row in range(3):
+        assert [col[row] for col in columns] == naive
+
+
+def test_engine_first_token_differs_across_samples(tokenizer):
+    """Each row draws its own first token from the prefill logits (nanochat E broadcast one)."""
+    model = engine_model(tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.01)   # near-uniform next-token distribution
+    first, _ = next(gpt.Engine(model, tokenizer).generate([tokenizer.bos_id], num_samples=16, max_tokens=1))
+    assert len(set(first)) > 4
+
+
+def test_engine_seeds_reproduce_and_differ(tokenizer):
+    model = engine_model(tokenizer)
+    engine = gpt.Engine(model, tokenizer)
+    run = lambda seed: engine.generate_batch([tokenizer.bos_id], num_samples=2, max_tokens=10, top_k=20, seed=seed)
+    assert run(1) == run(1)
+    assert run(1)[0] != run(2)[0]
+
+
+@pytest.fixture(scope="module")
+def tool_model(tokenizer):
+    """A tiny real model overfit on one tool-use reply whose written output is wrong ("7")."""
+    sp = tokenizer.special
+    seq = ([tokenizer.bos_id, sp("<|assistant_start|>"), sp("<|python_start|>")] + tokenizer.encode("2+3")
+           + [sp("<|python_end|>"), sp("<|output_start|>")] + tokenizer.encode("7")
+           + [sp("<|output_end|>"), sp("<|assistant_end|>")])
+    config = gpt.GPTConfig(sequence_len=32, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
+    torch.manual_seed(0)
+    model = gpt.new_model(config, "cpu")
+    opt = model.setup_optimizer(unembedding_lr=0.05)
+    x, y = torch.tensor([seq[:-1]]), torch.tensor([seq[1:]])
+    for _ in range(60):
+        model(x, y).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    assert model(x, y).item() < 0.05
+    return model, seq
+
+
+def test_tool_use_forces_calculator_output(tokenizer, tool_model):
+    """After <|python_end|> the Engine writes the true result "5" (mask 0), not what the model learned."""
+    model, seq = tool_model
+    sp = tokenizer.special
+    prompt = seq[:2]
+    seqs, masks = gpt.Engine(model, tokenizer).generate_batch(prompt, num_samples=2, max_tokens=20, temperature=0.0)
+    forced = [sp("<|output_start|>")] + tokenizer.encode("5") + [sp("<|output_end|>")]
+    end = seq.index(sp("<|python_end|>")) + 1
+    for s, m in zip(seqs, masks):
+        assert s[:end] == seq[:end] and m[:end] == [0, 0] + [1] * (end - 2)
+        assert s[end:end + len(forced)] == forced and m[end:end + len(forced)] == [0] * len(forced)
+
+
+CALC_GOOD = [("2+3", "5"), ("10/4", "2.5"), ("7//2", "3"), ("7%3", "1"), ("2**10", "1024"),
+             ("-(3+4)*2", "-14"), ("1,000*3", "3000"), ("3.5*2", "7.0"), ("2**-1", "0.5"),
+             ("'strawberry'.count('r')", "3"), ("'a,b,c'.count(',')", "2"), (" 12 * (3 + 1) ", "48"),
+             ("(" * 150 + "1" + ")" * 150, "1")]
+CALC_BAD = ["__import__('os').system('ls')", "().__class__.__bases__", "'abc'.__class__", "'abc'.count",
+            "'a'.upper()", "x + 1", "open('f')", "print(1)", "[1, 2]", "lambda: 1", "1 if 1 else 2",
+            "True + 1", "9**9**9", "10**100", "(10**12)*(10**12)", "1e308*10", "1/0", "'a'*10**6",
+            "'ab' + 'c'", "(" * 300 + "1" + ")" * 300, "-" * 900 + "1", "'" + "a" * 5000 + "'.count('a')",
+            "1+" * 400 + "1", "'abc'.count('a', 1)", "(-8)**0.5", "", "2+"]
+
+
+@pytest.mark.parametrize("expr,expected", CALC_GOOD)
+def test_calculator_good(expr, expected):
+    assert gpt.use_calculator(expr) == expected
+
+
+def test_calculator_refuses_hostile_input_fast():
+    for expr in CALC_BAD:
+        t0 = time.perf_counter()
+        assert gpt.use_calculator(expr) is None, expr
+        assert time.perf_counter() - t0 < 0.05, expr[:40]
+
+# ---------------------------------------------------------------------------
+# checkpoints and overrides
+
+
+def test_checkpoint_round_trip_and_mismatch(tokenizer):
+    config = gpt.GPTConfig(sequence_len=32, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    model = random_model(config)
+    opt = model.setup_optimizer()
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).backward()
+    opt.step()
+    gpt.save_checkpoint("base", 5, model, {"tokenizer": tokenizer.fingerprint(), "lr": 0.1}, optimizer=opt)
+    assert gpt.latest_step("base") == 5 and gpt.latest_step("sft") is None
+    loaded, meta, optim_state = gpt.load_checkpoint("base", "cpu", tokenizer=tokenizer)
+    assert meta["step"] == 5 and meta["lr"] == 0.1 and meta["model_config"]["n_embd"] == 32
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    opt2 = loaded.setup_optimizer()
+    opt2.load_state_dict(optim_state)
+    assert torch.equal(opt2.state[loaded.lm_head.weight]["exp_avg"], opt.state[model.lm_head.weight]["exp_avg"])
+    other = bpe.Tokenizer.train(["a different corpus gives different merges " * 10], vocab_size=280)
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        gpt.load_checkpoint("base", "cpu", tokenizer=other)
+    meta_path = os.path.join(gpt.home(), "checkpoints", "base", "d1", "meta_000005.json")
+    with open(meta_path) as f:
+        edited = json.load(f)
+    edited["model_config"]["n_embd"] = 64
+    with open(meta_path, "w") as f:
+        json.dump(edited, f)
+    with pytest.raises(ValueError, match="config mismatch.*n_embd=64"):
+        gpt.load_checkpoint("base", "cpu")
+    with pytest.raises(FileNotFoundError, match="no sft checkpoint"):
+        gpt.load_checkpoint("sft", "cpu")
+
+
+SAVE_FOREVER = """
+import sys, torch, gpt
+model = gpt.new_model(gpt.GPTConfig(sequence_len=16, vocab_size=4096, n_layer=2, n_head=2, n_kv_head=2, n_embd=512), "cpu")
+gpt.save_checkpoint("base", 1, model, {})
+print("saved", flush=True)
+step = 2
+while True:
+    gpt.save_checkpoint("base", step, model, {})
+    step += 1
+"""
+
+
+def test_killed_save_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL in the middle of saving: every visible checkpoint still loads, partial files are never named as one."""
+    env = {**os.environ, "SLIMCHAT_HOME": str(tmp_path / "home"), "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    proc = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saved"
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    model, meta, _ = gpt.load_checkpoint("base", "cpu")
+    assert meta["step"] == gpt.latest_step("base") >= 1
+    ckpt_dir = tmp_path / "home" / "checkpoints" / "base" / "d2"
+    for name in os.listdir(ckpt_dir):
+        if name.startswith("model_") and name.endswith(".pt"):
+            torch.load(ckpt_dir / name, weights_only=True)
+
+
+def test_compute_init_without_torchrun(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert gpt.compute_init("cpu") == (False, 0, 0, 1, torch.device("cpu"))
+    assert gpt.compute_dtype("cpu")[0] == torch.float32
+    with pytest.raises(ValueError, match="unknown device"):
+        gpt.compute_init("tpu")
+
+
+def test_load_tokenizer(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match="bpe.py train"):
+        gpt.load_tokenizer()
+    tokenizer.save(str(tmp_path / "home" / "tokenizer" / "tokenizer.json"))
+    assert gpt.load_tokenizer().fingerprint() == tokenizer.fingerprint()
+
+
+def test_apply_overrides():
+    scope = {"depth": 4, "lr": 0.02, "use_compile": True, "device": "", "init_stage": None, "MAX": 3, "_x": 1}
+    knobs = gpt.apply_overrides(scope, ["--depth=6", "--lr=1", "--use_compile=0", "--device=cpu", "--init_stage=mid"])
+    assert knobs == {"depth": 6, "lr": 1.0, "use_compile": False, "device": "cpu", "init_stage": "mid"}
+    assert scope["depth"] == 6 and type(scope["lr"]) is float
+    for argv, message in [(["--detph=3"], "did you mean --depth"), (["--depth=2.5"], "expected a int"),
+                          (["--use_compile=maybe"], "expected a bool"), (["depth=3"], "expected --name=value"),
+                          (["--MAX=4"], "unknown knob")]:
+        with pytest.raises(SystemExit, match=message):
+            gpt.apply_overrides(dict(scope), argv)
+
+
+def test_apply_overrides_help_lists_knobs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpt.apply_overrides({"depth": 4, "lr": 0.02}, ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--depth=4" in out and "--lr=0.02" in out
+
+# ---------------------------------------------------------------------------
+# downloads against a real loopback HTTP server
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves server.files with Range support; server.plan scripts failures for the next requests."""
+
+    def do_GET(self):
+        srv = self.server
+        srv.requests.append((self.path, self.headers.get("Range")))
+        behaviour = srv.plan.pop(0) if srv.plan else "ok"
+        data = srv.files.get(self.path)
+        if data is None or behaviour == "500":
+            self.send_error(404 if data is None else 500)
+            return
+        start = int(self.headers["Range"][6:].split("-")[0]) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:]
+        self.wfile.write(body[:len(body) // 2] if behaviour == "truncate" else body)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.files, srv.plan, srv.requests = {}, [], []
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def parquet_bytes(tmp_path, rows=2000):
+    path = tmp_path / "src.parquet"
+    pq.write_table(pa.table({"text": [f"document number {i}" for i in range(rows)]}), path)
+    return path.read_bytes()
+
+
+def test_download_resumes_truncated_body_with_range(server, tmp_path):
+    data = parquet_bytes(tmp_path)
+    server.files["/d/a.parquet"] = data
+    server.plan = ["truncate"]
+    out = gpt.download(server.url + "/d/a.parquet", str(tmp_path / "out" / "a.parquet"), backoff_s=0)
+    assert open(out, "rb").read() == data
+    assert server.requests == [("/d/a.parquet", None), ("/d/a.parquet", f"bytes={len(data) // 2}-")]
+    assert not os.path.exists(out + ".partial")
+
+
+def test_download_retries_after_server_error(server, tmp_path):
+    data = parquet_bytes(tmp_path)
+    server.files["/a.parquet"] = data
+    server.plan = ["500", "500"]
+    out = gpt.download(server.url + "/a.parquet", str(tmp_path / "a.parquet"), backoff_s=0)
+    assert open(out, "rb").read() == data and len(server.requests) == 3
+
+
+def test_download_detects_corrupt_parquet(server, tmp_path):
+    data = parquet_bytes(tmp_path)
+    server.files["/bad.parquet"] = data[:100] + b"x" * (len(data) - 100)
+    with pytest.raises(RuntimeError, match=r"after 2 attempts: http://127.*/bad.parquet.*parquet"):
+        gpt.download(server.url + "/bad.parquet", str(tmp_path / "bad.parquet"), attempts=2, backoff_s=0)
+    assert sorted(os.listdir(tmp_path)) == ["bad.parquet.lock", "src.parquet"]
+
+
+def test_download_404_names_the_url_without_retrying(server, tmp_path):
+    with pytest.raises(RuntimeError, match=r"http://127.*/missing.parquet.*404"):
+        gpt.download(server.url + "/missing.parquet", str(tmp_path / "m.parquet"), backoff_s=0)
+    assert len(server.requests) == 1
+
+
+def test_download_concurrent_fetches_download_once(server, tmp_path):
+    data = parquet_bytes(tmp_path)
+    server.files["/c.parquet"] = data
+    target = str(tmp_path / "c.parquet")
+    threads = [threading.Thread(target=gpt.download, args=(server.url + "/c.parquet", target)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert open(target, "rb").read() == data and len(server.requests) == 1
+
+
+def test_file_url_and_hub_endpoint(tmp_path, monkeypatch):
+    data = parquet_bytes(tmp_path)
+    mirror = tmp_path / "mirror" / "datasets" / "org" / "ds" / "resolve" / "main" / "data"
+    mirror.mkdir(parents=True)
+    (mirror / "x.parquet").write_bytes(data)
+    monkeypatch.setenv("HF_ENDPOINT", f"file://{tmp_path / 'mirror'}")
+    assert gpt.hub_url("org/ds", "data/x.parquet") == f"file://{tmp_path}/mirror/datasets/org/ds/resolve/main/data/x.parquet"
+    path = gpt.fetch_hub("org/ds", "data/x.parquet")
+    assert path == str(tmp_path / "home" / "hub" / "org" / "ds" / "data" / "x.parquet")
+    assert open(path, "rb").read() == data
+    with pytest.raises(RuntimeError, match="file://.*nope.parquet"):
+        gpt.fetch_hub("org/ds", "nope.parquet")
+    monkeypatch.setenv("SLIMCHAT_FILES_ENDPOINT", "http://127.0.0.1:1/files/")
+    assert gpt.files_url("words_alpha.txt") == "http://127.0.0.1:1/files/words_alpha.txt"
