@@ -1,0 +1,229 @@
+"""
+The chat page in a real headless Chromium (Debian's chromium + chromedriver), driven by
+selenium against serve.py on loopback with the tiny model of test_serve.py: type, watch the
+reply stream in, stop, edit, regenerate, slash commands, safe Markdown, "model not loaded",
+and screenshots at desktop and phone width (saved under the test's tmp dir for a look).
+"""
+import os
+import shutil
+import time
+
+import pytest
+
+import serve
+from test_serve import build_tiny_home, request, scripted_app, start_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+from selenium.common.exceptions import StaleElementReferenceException   # noqa: E402
+from selenium.webdriver.common.by import By                    # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait        # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="needs chromium and chromedriver on PATH (apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """Base URL and app of a one-worker server on the tiny model."""
+    home = str(tmp_path_factory.mktemp("home"))
+    old = os.environ.get("SLIMCHAT_HOME")
+    try:
+        app = serve.build_app(build_tiny_home(home, workers=1))
+    finally:
+        os.environ.pop("SLIMCHAT_HOME") if old is None else os.environ.__setitem__("SLIMCHAT_HOME", old)
+    server, port = start_server(app)
+    yield f"http://127.0.0.1:{port}/", app
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}", "--window-size=1280,800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait(driver, condition, timeout=20):
+    # streaming replaces the reply's node on every frame, so a found element may go stale mid-check
+    return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(lambda d: condition())
+
+
+def open_page(driver, url):
+    driver.get(url)
+    wait(driver, lambda: driver.find_element(By.ID, "status").text not in ("", "connecting…"))
+
+
+def type_and_send(driver, text):
+    box = driver.find_element(By.ID, "input")
+    box.send_keys(text)
+    box.send_keys("\n")   # Enter sends
+
+
+def replies(driver):
+    return driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+
+
+def finished_reply(driver):
+    """The last reply once streaming ended (its Regenerate button appears then)."""
+    wait(driver, lambda: replies(driver) and replies(driver)[-1].find_elements(By.CSS_SELECTOR, ".regen"))
+    return replies(driver)[-1]
+
+
+def test_chat_edit_regenerate(browser, site):
+    """Send, see the streamed reply, edit the message and resend, then regenerate the reply."""
+    url, app = site
+    open_page(browser, url)
+    assert browser.find_element(By.ID, "status").text == app.model_id
+    type_and_send(browser, "hello there")
+    reply = finished_reply(browser)
+    first = reply.find_element(By.CSS_SELECTOR, ".body").text
+    assert first.strip()
+    assert "token limit" in reply.find_element(By.CSS_SELECTOR, ".note").text   # the tiny model never stops
+    assert browser.find_element(By.CSS_SELECTOR, ".msg.user .body").text == "hello there"
+
+    browser.find_element(By.CSS_SELECTOR, ".msg.user .edit").click()
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg")
+    box = browser.find_element(By.ID, "input")
+    assert box.get_attribute("value") == "hello there"
+    box.send_keys(" again\n")
+    second = finished_reply(browser).find_element(By.CSS_SELECTOR, ".body").text
+    assert [m.text for m in browser.find_elements(By.CSS_SELECTOR, ".msg.user .body")] == ["hello there again"]
+
+    browser.find_element(By.CSS_SELECTOR, ".msg.assistant .regen").click()
+    wait(browser, lambda: finished_reply(browser).find_element(By.CSS_SELECTOR, ".body").text != second)
+    assert len(replies(browser)) == 1 and len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 1
+
+
+def test_stop_button(browser, site):
+    """Stop ends a long reply at once, keeps what arrived, and the server's worker is free again."""
+    url, app = site
+    open_page(browser, url)
+    browser.execute_script("state.settings.max_tokens = 4000;")
+    type_and_send(browser, "tell me everything")
+    stop = browser.find_element(By.ID, "stop")
+    # some reply text is on screen while Stop is showing: the reply is streaming in
+    wait(browser, lambda: stop.is_displayed()
+         and replies(browser)[-1].find_element(By.CSS_SELECTOR, ".body").text.strip("…"))
+    stop.click()
+    reply = finished_reply(browser)
+    assert reply.find_element(By.CSS_SELECTOR, ".note").text == "(stopped)"
+    assert reply.find_element(By.CSS_SELECTOR, ".body").text.strip()
+    deadline = time.time() + 3
+    while app.pool.available() != 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert app.pool.available() == 1
+    assert app.pool.workers[0].tokens < 4000
+
+
+def test_tool_call_shown(browser, site):
+    """A streamed calculator call and its result appear as tool boxes, and the reply (with its
+    parts) goes back to the server as history on the next turn."""
+    _, app = site
+    server, port = start_server(scripted_app(app.tokenizer))
+    try:
+        open_page(browser, f"http://127.0.0.1:{port}/")
+        type_and_send(browser, "what is 7*6?")
+        reply = finished_reply(browser)
+        assert reply.find_element(By.CSS_SELECTOR, ".tool:not(.tool-result) .tool-code").text == "7*6"
+        assert reply.find_element(By.CSS_SELECTOR, ".tool-result .tool-code").text == "42"
+        assert [p.text for p in reply.find_elements(By.CSS_SELECTOR, ".body > p")] == ["A", "!"]
+        type_and_send(browser, "and again?")
+        wait(browser, lambda: len(replies(browser)) == 2
+             and replies(browser)[1].find_elements(By.CSS_SELECTOR, ".regen"))
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+        assert replies(browser)[1].find_element(By.CSS_SELECTOR, ".tool-result").text.endswith("42")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_slash_commands(browser, site):
+    url, _ = site
+    open_page(browser, url)
+    type_and_send(browser, "/temperature 0.5")
+    type_and_send(browser, "/topk 500")
+    type_and_send(browser, "/help")
+    notes = [n.text for n in browser.find_elements(By.CSS_SELECTOR, ".msg.notice .body, .msg.error .body")]
+    assert notes[0] == "temperature set to 0.5"
+    assert "top-k must be an integer from 1 to 200" in notes[1]
+    assert "/topk [v]" in notes[2]
+    assert browser.execute_script("return state.settings.temperature") == 0.5
+    type_and_send(browser, "/clear")
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg")
+
+
+def test_markdown_is_rendered_safely(browser, site):
+    """Markdown becomes elements; markup and javascript: links in model text stay inert text."""
+    url, _ = site
+    open_page(browser, url)
+    html = browser.execute_script("""
+        const div = document.createElement('div');
+        renderMarkdown(div, '**bold** <img src=x onerror="window.pwned=1"> `x<b>`\\n\\n' +
+          '```js\\n<script>window.pwned=1</script>\\n```\\n- one\\n- two\\n\\n' +
+          '[bad](javascript:alert(1)) [good](https://example.com/a)');
+        document.body.appendChild(div);
+        return div.innerHTML;""")
+    assert "<strong>bold</strong>" in html and "<li>one</li>" in html
+    assert "<img" not in html and "<script" not in html and "&lt;script&gt;" in html
+    assert 'href="javascript' not in html and "[bad](javascript:alert(1))" in html
+    assert 'href="https://example.com/a"' in html and "<code>x&lt;b&gt;</code>" in html
+    assert browser.execute_script("return window.pwned") is None
+
+
+def test_screenshots_desktop_and_phone(browser, site, tmp_path):
+    """A conversation with Markdown, a tool call and its result, at 1280 and 390 px wide."""
+    url, _ = site
+    open_page(browser, url)
+    type_and_send(browser, "What is 12 * 7? Show the **working**.")
+    finished_reply(browser)
+    browser.execute_script("""
+        state.messages.push({role: 'user', text: 'And in Python?'});
+        state.messages.push({role: 'assistant', parts: [
+          {type: 'text', text: 'Let me compute it:'}, {type: 'python', text: '12*7'},
+          {type: 'python_output', text: '84'},
+          {type: 'text', text: 'So **12 × 7 = 84**. In code:\\n\\n```python\\nprint(12 * 7)\\n```\\n- fast\\n- exact'}]});
+        render();""")
+    assert browser.find_elements(By.CSS_SELECTOR, ".tool") and browser.find_elements(By.CSS_SELECTOR, ".code pre")
+    shots = {}
+    for name, (w, h) in {"desktop": (1280, 800), "phone": (390, 844)}.items():
+        browser.set_window_size(w, h)
+        time.sleep(0.2)
+        shots[name] = str(tmp_path / f"page_{name}.png")
+        assert browser.save_screenshot(shots[name])
+        # nothing may stick out sideways at this width
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+        assert browser.find_element(By.ID, "send").is_displayed()
+    browser.set_window_size(1280, 800)
+    print("screenshots:", shots)
+
+
+def test_model_not_loaded_state(browser, tmp_path, monkeypatch):
+    """No checkpoint: the page says so up front, and a message comes back with the reason."""
+    monkeypatch.setenv("SLIMCHAT_HOME", str(tmp_path))
+    app = serve.build_app({"stage": "sft", "step": -1, "tag": "", "device": "cpu", "num_workers": 1,
+                           "temperature": 0.8, "top_k": 50, "max_tokens": 32})
+    server, port = start_server(app)
+    try:
+        assert request(port, "GET", "/health")[0] == 503
+        open_page(browser, f"http://127.0.0.1:{port}/")
+        assert browser.find_element(By.ID, "status").text == "model not loaded"
+        banner = browser.find_element(By.ID, "banner")
+        assert banner.is_displayed() and "Model not loaded" in banner.text and "tokenizer" in banner.text
+        type_and_send(browser, "anyone there?")
+        wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.error"))
+        assert "model not loaded" in browser.find_element(By.CSS_SELECTOR, ".msg.error .body").text
+        assert browser.find_element(By.ID, "input").get_attribute("value") == "anyone there?"
+    finally:
+        server.shutdown()
+        server.server_close()
