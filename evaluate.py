@@ -1,0 +1,1233 @@
+"""
+evaluate.py: the benchmarks. Each task's loading, rendering and grading; CORE and bits-per-byte for
+base models; categorical and generative chat evals and ChatCORE for chat models; a process sandbox
+for generated code; and the report card that gathers every stage's logs.
+
+reads:  the latest checkpoint of --stage and the tokenizer under $SLIMCHAT_HOME; task datasets from
+        the hub and the CORE eval bundle through gpt.fetch_hub / gpt.fetch_file (REFERENCE §16, §17)
+writes: $SLIMCHAT_HOME/eval/<stage>/<task>.jsonl  one record per example: prompt, output, verdict
+        $SLIMCHAT_HOME/eval/<stage>/results.json  the numbers of this run
+        $SLIMCHAT_HOME/logs/eval.jsonl            one summary line per run (the report reads it)
+        $SLIMCHAT_HOME/report/report.md, report.json   with --report=1
+
+smoke:    python evaluate.py --stage=sft --device=cpu --max_per_task=16
+one GPU:  python evaluate.py --stage=base          (CORE + bpb; mid/sft/rl run the chat tasks)
+torchrun: torchrun --standalone --nproc_per_node=8 evaluate.py --stage=sft   (examples split by rank)
+report:   python evaluate.py --report=1
+
+The training stages import the task classes (MMLU, ARC, GSM8K, ...) so that training and evaluation
+render a task the same way. Importing this file does no work.
+"""
+import csv
+import glob
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import bpe
+import gpt
+
+# ---------------------------------------------------------------------------
+# knobs: edit here, or override any of them with --name=value
+stage = "sft"              # base | mid | sft | rl: whose latest checkpoint to evaluate
+tasks = ""                 # comma list; "" = the stage's default (base: CORE,bpb; others: the chat tasks)
+max_per_task = -1          # examples per task (CORE task or chat task); -1 = all
+batch_size = 8             # prompts per forward pass (categorical chat eval, bpb rows)
+num_samples = 1            # samples per generative problem; a problem passes if any does (pass@k)
+temperature = 0.0          # 0.0 = greedy decoding
+top_k = 50                 # top-k sampling cutoff when temperature > 0
+max_new_tokens = 512       # generation budget per sample
+bpb_tokens = 10_485_760    # tokens per split for bits-per-byte (20 x 524,288, E's base_loss)
+device = ""                # "" = autodetect (cuda > mps > cpu)
+report = False             # True: write the report card from $SLIMCHAT_HOME/logs and exit
+# ---------------------------------------------------------------------------
+
+LETTERS = "ABCDEFGHIJ"     # answer letters; each is one byte, hence always one token
+SHUFFLE_SEED = 42          # every hub task is presented in this fixed shuffled order (E: .shuffle(42))
+
+
+# ===========================================================================
+# tasks: one class per dataset. task[i] is a conversation {"messages": [...]} for bpe's renderer;
+# task.evaluate(conversation, completion_text) grades a reply.
+
+def read_rows(repo, filename):
+    """All rows of one hub parquet file as dicts (downloaded once, then read from the cache)."""
+    return pq.read_table(gpt.fetch_hub(repo, filename)).to_pylist()
+
+
+def check_choice(value, allowed, what):
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+class Task:
+    """A list of rows rendered on access. Training-only tasks have no grader."""
+    eval_type = "generative"
+
+    def __init__(self, rows, shuffle=True):
+        self.rows = list(rows)
+        if shuffle:
+            random.Random(SHUFFLE_SEED).shuffle(self.rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.render(self.rows[i])
+
+    def render(self, row):
+        return row
+
+    def evaluate(self, conversation, completion):
+        raise ValueError(f"{type(self).__name__} is a training task: it has no grader")
+
+
+def render_mc(question, choices):
+    """The multiple-choice prompt. The letter comes after its choice with no space after '=', so in
+    the prompt it is the same bare-letter token the assistant answers with (REFERENCE §2.3)."""
+    lines = [f"Multiple Choice question: {question}"]
+    lines += [f"- {choice}={letter}" for letter, choice in zip(LETTERS, choices)]
+    return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
+
+
+def mc_conversation(question, choices, answer):
+    """Conversation for a question whose correct choice is choices[answer]."""
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise ValueError(f"a multiple-choice question needs 2..{len(LETTERS)} choices, got {len(choices)}")
+    letters = list(LETTERS[:len(choices)])
+    return {"messages": [{"role": "user", "content": render_mc(question, choices)},
+                         {"role": "assistant", "content": letters[answer]}],
+            "letters": letters}
+
+
+class MultipleChoice(Task):
+    """Graded by the letter alone; the categorical eval reads the letter logits."""
+    eval_type = "categorical"
+
+    def letters(self, conversation):
+        return conversation["letters"]
+
+    def evaluate(self, conversation, completion):
+        return completion.strip() == conversation["messages"][-1]["content"]
+
+
+class MMLU(MultipleChoice):
+    """cais/mmlu 'all': 57 subjects, 4 choices, answer index 0-3. auxiliary_train is for training."""
+    SPLITS = ("test", "validation", "dev", "auxiliary_train")
+
+    def __init__(self, split):
+        check_choice(split, self.SPLITS, "MMLU split")
+        super().__init__(read_rows("cais/mmlu", f"all/{split}-00000-of-00001.parquet"))
+
+    @staticmethod
+    def render(row):
+        row = row.get("train", row)   # older exports wrap auxiliary_train rows in a 'train' struct
+        return mc_conversation(row["question"], row["choices"], row["answer"])
+
+
+class ARC(MultipleChoice):
+    """allenai/ai2_arc. Labels are usually A-D but some rows use 1-4 and some have 3 or 5 choices;
+    we always show letters A.. and map the answer key through its position among the labels."""
+    SUBSETS = ("ARC-Easy", "ARC-Challenge")
+    SPLITS = ("train", "validation", "test")
+
+    def __init__(self, subset, split):
+        check_choice(subset, self.SUBSETS, "ARC subset")
+        check_choice(split, self.SPLITS, "ARC split")
+        super().__init__(read_rows("allenai/ai2_arc", f"{subset}/{split}-00000-of-00001.parquet"))
+
+    @staticmethod
+    def render(row):
+        labels = list(row["choices"]["label"])
+        if row["answerKey"] not in labels:
+            raise ValueError(f"ARC row {row.get('id')}: answerKey {row['answerKey']!r} is not among {labels}")
+        return mc_conversation(row["question"], list(row["choices"]["text"]), labels.index(row["answerKey"]))
+
+
+FINAL_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
+
+
+def final_answer(text):
+    """The number after '#### ' (commas and a trailing full stop dropped), or None."""
+    match = FINAL_ANSWER.search(text)
+    return match.group(1).replace(",", "").rstrip(".") if match else None
+
+
+def gsm8k_parts(answer):
+    """GSM8K's worked answer as assistant parts: each <<expr=result>> calculator annotation becomes a
+    python part (expr) and a python_output part (result), split on the last '='.
+    'She sold 48/2 = <<48/2=24>>24 clips.' -> text 'She sold 48/2 = ', python '48/2',
+    python_output '24', text '24 clips.'"""
+    parts = []
+    for k, piece in enumerate(re.split(r"<<(.*?)>>", answer)):
+        if k % 2 == 0:
+            if piece:
+                parts.append({"type": "text", "text": piece})
+            continue
+        expr, eq, result = piece.rpartition("=")
+        if not eq:
+            raise ValueError(f"GSM8K annotation <<{piece}>> has no '=' (expected <<expr=result>>)")
+        parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
+    return parts
+
+
+class GSM8K(Task):
+    """openai/gsm8k 'main': grade-school word problems; graded on the final '#### N'."""
+    SPLITS = ("train", "test")
+
+    def __init__(self, split):
+        check_choice(split, self.SPLITS, "GSM8K split")
+        super().__init__(read_rows("openai/gsm8k", f"main/{split}-00000-of-00001.parquet"))
+
+    @staticmethod
+    def render(row):
+        return {"messages": [{"role": "user", "content": row["question"]},
+                             {"role": "assistant", "content": gsm8k_parts(row["answer"])}]}
+
+    def evaluate(self, conversation, completion):
+        reference = final_answer(conversation["messages"][-1]["content"][-1]["text"])
+        predicted = final_answer(completion)
+        return predicted is not None and predicted == reference
+
+
+def extract_code(completion):
+    """The first ```python (or bare ```) block of a reply, else the whole reply."""
+    match = re.search(r"```(?:python|py)?[ \t]*\n(.*?)```", completion, re.DOTALL)
+    return match.group(1) if match else completion
+
+
+class HumanEval(Task):
+    """openai/openai_humaneval: write a function; graded by running the dataset's tests in the sandbox."""
+
+    def __init__(self):
+        super().__init__(read_rows("openai/openai_humaneval", "openai_humaneval/test-00000-of-00001.parquet"))
+
+    @staticmethod
+    def render(row):
+        return {"messages": [{"role": "user", "content": row["prompt"]},
+                             {"role": "assistant", "content": row["prompt"] + row["canonical_solution"]}],
+                "entry_point": row["entry_point"], "test": row["test"], "prompt": row["prompt"]}
+
+    @staticmethod
+    def program(conversation, completion):
+        """The prompt's imports, the reply's code, the tests, and the call of check()."""
+        imports = [line for line in conversation["prompt"].splitlines() if line.startswith(("import ", "from "))]
+        return "\n".join(imports + ["", extract_code(completion), "", conversation["test"], "",
+                                    f"check({conversation['entry_point']})", ""])
+
+    def check(self, conversation, completion):
+        return run_sandboxed(self.program(conversation, completion))
+
+    def evaluate(self, conversation, completion):
+        return self.check(conversation, completion).passed
+
+
+def load_words():
+    """The English word list (words_alpha.txt, one lowercase word a line)."""
+    with open(gpt.fetch_file("words_alpha.txt"), encoding="utf-8") as f:
+        words = [w.strip() for w in f if w.strip().isalpha()]
+    if not words:
+        raise ValueError("words_alpha.txt holds no words")
+    return words
+
+
+def word_seeds(size, split):
+    """Per-example seeds; train and test draw from disjoint seed ranges (Random(-s) == Random(s),
+    so negating the index, as E does, would repeat train examples in test)."""
+    check_choice(split, ("train", "test"), "split")
+    if size < 1:
+        raise ValueError(f"size must be a positive number of examples, got {size}")
+    offset = 0 if split == "train" else 10**9
+    return [offset + i for i in range(size)]
+
+
+BEE_TEMPLATES = [
+    "How many {letter} are in the word {word}?",
+    "How many times does the letter {letter} appear in {word}?",
+    "Count the number of {letter} in {word}",
+    "In the word {word}, how many times does {letter} occur?",
+    "What is the count of the letter {letter} in {word}?",
+    "how many {letter}s are there in {word}",
+    "{word}: how many {letter}?",
+    "¿Cuántas {letter} hay en la palabra {word}?",
+    "Combien de {letter} y a-t-il dans le mot {word} ?",
+    "Wie oft kommt der Buchstabe {letter} im Wort {word} vor?",
+]
+
+
+def spelling_bee_conversation(word, letter, question):
+    """Spell the word out, counting hits, then check with the calculator tool, then '#### n'."""
+    count, lines = 0, []
+    for k, c in enumerate(word, 1):
+        count += c == letter
+        lines.append(f"{k}:{c}" + (f" hit! count={count}" if c == letter else ""))
+    manual = (f"Let me spell '{word}' and count the letter '{letter}'.\n\n{word}:{','.join(word)}\n\n"
+              + "\n".join(lines) + f"\n\nThat gives {count}. Let me double check with Python:\n\n")
+    parts = [{"type": "text", "text": manual},
+             {"type": "python", "text": f"'{word}'.count('{letter}')"},
+             {"type": "python_output", "text": str(count)},
+             {"type": "text", "text": f"\n\nPython agrees: {count}.\n\n#### {count}"}]
+    return {"messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": parts}]}
+
+
+class SpellingBee(Task):
+    """'How many r in strawberry?': counting letters, graded on the final '#### N'."""
+
+    def __init__(self, size, split):
+        super().__init__(word_seeds(size, split), shuffle=False)
+        self.words = load_words()
+
+    def render(self, seed):
+        rng = random.Random(seed)
+        word = rng.choice(self.words)
+        letter = rng.choice(word) if rng.random() < 0.9 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        quote = rng.choice(["", "'", '"'])
+        question = rng.choice(BEE_TEMPLATES).format(letter=quote + letter + quote, word=quote + word + quote)
+        if rng.random() < 0.3:
+            question = question.lower()
+        return spelling_bee_conversation(word, letter, question)
+
+    def evaluate(self, conversation, completion):
+        reference = final_answer(conversation["messages"][-1]["content"][-1]["text"])
+        return final_answer(completion) == reference
+
+
+class SimpleSpelling(Task):
+    """'Spell the word: apple' -> 'apple:a,p,p,l,e'; graded by exact match."""
+
+    def __init__(self, size, split):
+        super().__init__(word_seeds(size, split), shuffle=False)
+        self.words = load_words()
+
+    def render(self, seed):
+        word = random.Random(seed).choice(self.words)
+        return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
+                             {"role": "assistant", "content": f"{word}:{','.join(word)}"}]}
+
+    def evaluate(self, conversation, completion):
+        return completion.strip() == conversation["messages"][-1]["content"]
+
+
+class SmolTalk(Task):
+    """HuggingFaceTB/smol-smoltalk: general conversations, some with a system message (training only)."""
+
+    def __init__(self, split):
+        check_choice(split, ("train", "test"), "SmolTalk split")
+        super().__init__(read_rows("HuggingFaceTB/smol-smoltalk", f"data/{split}-00000-of-00001.parquet"))
+
+    @staticmethod
+    def render(row):
+        return {"messages": row["messages"]}
+
+
+def conversation_problem(messages):
+    """What is wrong with a list of messages as a training conversation, or None."""
+    if not isinstance(messages, list) or not messages:
+        return "expected a non-empty JSON list of messages (or an object with a 'messages' list)"
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            return f"message {k} needs a role of system, user or assistant"
+        if not isinstance(m.get("content"), str):
+            return f"message {k} needs a string content"
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    for k, m in enumerate(body):
+        if m["role"] != ("user", "assistant")[k % 2]:
+            return "roles must alternate user, assistant, ... (after an optional first system message)"
+    if len(body) < 2 or body[-1]["role"] != "assistant":
+        return "a conversation must end with an assistant message"
+    return None
+
+
+class CustomJSON(Task):
+    """Conversations from a JSONL file: one JSON list of {role, content} messages a line (E's identity
+    file) or one {"messages": [...]} object a line. Every line is checked when the file is loaded."""
+
+    def __init__(self, path):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    data = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {lineno}: not valid JSON ({e})") from None
+                messages = data.get("messages") if isinstance(data, dict) else data
+                problem = conversation_problem(messages)
+                if problem:
+                    raise ValueError(f"{path} line {lineno}: {problem}")
+                rows.append({"messages": messages})
+        if not rows:
+            raise ValueError(f"{path} holds no conversations")
+        super().__init__(rows, shuffle=False)
+
+
+class TaskMixture:
+    """Every example of every task, in one fixed shuffled order. A task listed twice is seen twice."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.index = [(t, i) for t, part in enumerate(self.parts) for i in range(len(part))]
+        random.Random(SHUFFLE_SEED).shuffle(self.index)
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        t, j = self.index[i]
+        return self.parts[t][j]
+
+
+# ===========================================================================
+# the code sandbox: generated code runs in a fresh interpreter that guards itself before it runs
+# the program. Not a true security boundary (no seccomp, no namespaces): the rlimits, the
+# wall-clock kill of the whole process group and the throwaway directory are the backstop; the
+# blocked functions make honest mistakes and obvious escapes fail fast with a clear reason.
+
+SANDBOX_TIMEOUT = 5.0      # seconds of wall time per program (E, H: 5 s)
+SANDBOX_MEMORY_MB = 256    # address-space limit (E, H: 256 MB)
+SANDBOX_FILE_MB = 16       # largest file (stdout/stderr captures included) the program may write
+
+SANDBOX_PRELUDE = r'''
+import builtins, io, os, posix, resource, shutil, subprocess, _posixsubprocess, sys
+program, tmp, memory, cpu, fsize = sys.argv[1], os.path.realpath(sys.argv[2]), *map(int, sys.argv[3:6])
+with open(program) as f:
+    code = compile(f.read(), "program.py", "exec")
+if memory > 0:   # macOS does not enforce RLIMIT_AS
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))   # binds non-root users only; hence the blocks below
+exit_now, stderr = os._exit, sys.stderr
+
+class SandboxViolation(BaseException):   # BaseException: a bare `except Exception` cannot swallow it
+    pass
+
+def refuse(name):
+    def refused(*args, **kwargs):
+        raise SandboxViolation(name)
+    return refused
+
+def inside(path, dir_fd=None):
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return False
+    path = os.fsdecode(path)
+    if dir_fd is not None:   # shutil.rmtree works relative to open directories (Linux: /proc names them)
+        try:
+            path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        except OSError:
+            return False
+    real = os.path.realpath(path)
+    return real == tmp or real.startswith(tmp + os.sep)
+
+def only_inside(name, fn):
+    def checked(path, *args, **kwargs):
+        if not inside(path, kwargs.get("dir_fd")):
+            raise SandboxViolation(f"{name} outside the temp dir")
+        return fn(path, *args, **kwargs)
+    return checked
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+def guarded_open(file, mode="r", *args, **kwargs):
+    if isinstance(file, int) or not any(c in mode for c in "wax+") or inside(file):
+        return real_open(file, mode, *args, **kwargs)
+    raise SandboxViolation("writing outside the temp dir")
+def guarded_os_open(path, flags, *args, **kwargs):
+    if flags & WRITE_FLAGS and not inside(path, kwargs.get("dir_fd")):
+        raise SandboxViolation("writing outside the temp dir")
+    return real_os_open(path, flags, *args, **kwargs)
+real_open, real_os_open = builtins.open, os.open
+builtins.open = io.open = guarded_open
+for module in (os, posix):
+    module.open = guarded_os_open
+    for name in ("remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
+                 "chmod", "chown", "lchown", "mkdir", "makedirs", "link", "symlink"):
+        if hasattr(module, name):
+            setattr(module, name, only_inside(f"os.{name}", getattr(module, name)))
+    for name in ("system", "popen", "fork", "forkpty", "vfork", "kill", "killpg", "execv", "execve",
+                 "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle",
+                 "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn",
+                 "posix_spawnp", "putenv", "unsetenv", "setuid", "setgid", "seteuid", "setegid",
+                 "chroot", "fchdir", "fchmod", "fchown", "register_at_fork"):
+        if hasattr(module, name):
+            setattr(module, name, refuse(f"os.{name}"))
+for name in ("rmtree", "move", "chown"):
+    setattr(shutil, name, only_inside(f"shutil.{name}", getattr(shutil, name)))
+for name in ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
+    setattr(subprocess, name, refuse(f"subprocess.{name}"))
+_posixsubprocess.fork_exec = refuse("subprocess")
+
+BLOCKED_IMPORTS = {"socket", "_socket", "ssl", "ctypes", "_ctypes", "multiprocessing",
+                   "_multiprocessing", "pty", "resource", "urllib", "http", "ftplib", "smtplib"}
+class ImportBlocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED_IMPORTS:
+            raise SandboxViolation(f"import {name}")
+        return None
+for name in list(sys.modules):
+    if name.split(".")[0] in BLOCKED_IMPORTS:
+        del sys.modules[name]
+sys.meta_path.insert(0, ImportBlocker())
+
+def verdict(kind, detail, status):
+    stderr.write(f"\nSANDBOX-RESULT {kind}: {detail}\n")
+    stderr.flush()
+    exit_now(status)
+
+try:
+    exec(code, {"__name__": "__main__", "__builtins__": builtins})
+except SandboxViolation as e:
+    verdict("blocked", e, 3)
+except MemoryError:
+    verdict("memory", "MemoryError", 4)
+except SystemExit as e:
+    if e.code not in (None, 0):
+        verdict("error", f"SystemExit: {e.code}", 1)
+except BaseException as e:
+    verdict("error", f"{type(e).__name__}: {e}"[:300], 1)
+sys.stdout.flush()
+exit_now(0)
+'''
+
+
+@dataclass
+class SandboxResult:
+    passed: bool
+    reason: str            # "passed", "timeout", "memory", "blocked: ...", "error: ...", "killed: ..."
+    stdout: str = ""
+    stderr: str = ""
+
+
+def run_sandboxed(code, timeout=SANDBOX_TIMEOUT, memory_mb=SANDBOX_MEMORY_MB):
+    """Run a Python program in a guarded child process; never raises for anything the program does."""
+    with tempfile.TemporaryDirectory(prefix="slimchat-sandbox-") as tmp:
+        program = os.path.join(tmp, "program.py")
+        with open(program, "w", encoding="utf-8") as f:
+            f.write(code)
+        memory = memory_mb * 2**20 if sys.platform.startswith("linux") else 0
+        argv = [sys.executable, "-I", "-S", "-c", SANDBOX_PRELUDE, program, tmp, str(memory),
+                str(math.ceil(timeout) + 1), str(SANDBOX_FILE_MB * 2**20)]
+        # stdout/stderr go to files, not pipes: RLIMIT_FSIZE then also caps a program that prints forever
+        with open(os.path.join(tmp, "stdout"), "w+b") as out, open(os.path.join(tmp, "stderr"), "w+b") as err:
+            proc = subprocess.Popen(argv, cwd=tmp, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    env={"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp},
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            kill_group(proc)
+            out.seek(0), err.seek(0)
+            stdout, stderr = (f.read()[-4096:].decode("utf-8", "replace") for f in (out, err))
+    return SandboxResult(*sandbox_verdict(proc.returncode, stderr, timed_out, timeout), stdout, stderr)
+
+
+def kill_group(proc):
+    """SIGKILL the child's whole session, so nothing it started outlives it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def sandbox_verdict(returncode, stderr, timed_out, timeout):
+    """(passed, reason) from how the child ended."""
+    if timed_out:
+        return False, f"timeout after {timeout:g}s"
+    if returncode == 0:
+        return True, "passed"
+    marker = stderr.rfind("SANDBOX-RESULT ")
+    if marker >= 0:
+        kind, _, detail = stderr[marker + len("SANDBOX-RESULT "):].strip().partition(": ")
+        return False, "memory" if kind == "memory" else f"{kind}: {detail}"
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        meaning = {"SIGXCPU": "cpu time limit", "SIGXFSZ": "output too large", "SIGKILL": "killed"}
+        return False, f"killed: {meaning.get(name, name)}"
+    return False, f"error: exit code {returncode}"
+
+
+# ===========================================================================
+# chat evals: categorical (letter logits at <|assistant_start|>) and generative (Engine)
+
+def dist_rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def crop_left(ids, max_len):
+    """Keep the last max_len tokens (the end of a prompt is what the next token depends on)."""
+    return ids[-max_len:] if len(ids) > max_len else ids
+
+
+def letter_ids(tokenizer, letters):
+    ids = [tokenizer.encode(letter) for letter in letters]
+    for letter, tok in zip(letters, ids):
+        if len(tok) != 1:
+            raise ValueError(f"answer letter {letter!r} encodes to {len(tok)} tokens; it must be one")
+    return [tok[0] for tok in ids]
+
+
+def categorical_eval(task, model, tokenizer, indices, batch_size):
+    """One record per example: the answer letter with the highest logit at the assistant start."""
+    device, max_len = model_device(model), model.config.sequence_len
+    records = []
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start:start + batch_size]
+        conversations = [task[i] for i in batch]
+        prompts = [crop_left(tokenizer.render_for_completion(c), max_len) for c in conversations]
+        width = max(map(len, prompts))
+        x = torch.tensor([p + [tokenizer.bos_id] * (width - len(p)) for p in prompts], device=device)
+        with torch.no_grad():
+            logits = model(x)                                      # (B, T, V)
+        for row, (i, conversation, prompt) in enumerate(zip(batch, conversations, prompts)):
+            letters = task.letters(conversation)
+            scores = logits[row, len(prompt) - 1, letter_ids(tokenizer, letters)]
+            answer = letters[int(scores.argmax())]
+            records.append({"index": i, "prompt": tokenizer.decode(prompt), "output": answer,
+                            "verdict": bool(task.evaluate(conversation, answer))})
+    return records
+
+
+def generative_eval(task, tokenizer, engine, indices, num_samples, max_new_tokens, temperature, top_k):
+    """One record per problem: num_samples replies decoded in one batch; passes if any reply does."""
+    records, max_len = [], engine.model.config.sequence_len
+    for i in indices:
+        conversation = task[i]
+        prompt = crop_left(tokenizer.render_for_completion(conversation), max_len)
+        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k, seed=SHUFFLE_SEED + i)
+        outputs = [tokenizer.decode(seq[len(prompt):]) for seq in sequences]
+        verdicts = [bool(task.evaluate(conversation, out)) for out in outputs]
+        records.append({"index": i, "prompt": tokenizer.decode(prompt),
+                        "output": outputs[0] if num_samples == 1 else outputs,
+                        "verdict": any(verdicts), "passes": sum(verdicts)})
+    return records
+
+
+def gather_records(records):
+    """Every rank's records, on every rank, in index order."""
+    if dist_rank_world()[1] == 1:
+        return records
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, records)
+    return sorted((r for part in everyone for r in part), key=lambda r: (r.get("task", ""), r["index"]))
+
+
+def run_chat_eval(task, model, tokenizer, engine, max_problems=-1, batch_size=8, num_samples=1,
+                  max_new_tokens=512, temperature=0.0, top_k=50, records=None):
+    """Accuracy on the first max_problems examples (-1 = all), split across ranks: the fraction of
+    letters right (categorical) or of problems with a passing sample (generative, pass@num_samples).
+    Per-example records of all ranks are appended to `records` when given."""
+    rank, world = dist_rank_world()
+    n = len(task) if max_problems < 0 else min(len(task), max_problems)
+    indices = list(range(rank, n, world))
+    if task.eval_type == "categorical":
+        mine = categorical_eval(task, model, tokenizer, indices, batch_size)
+    else:
+        mine = generative_eval(task, tokenizer, engine, indices, num_samples, max_new_tokens,
+                               temperature, top_k)
+    passed = sum_over_ranks([sum(r["verdict"] for r in mine)], model_device(model))[0]
+    if records is not None:
+        records.extend(gather_records(mine))
+    return passed / max(1, n)
+
+
+def sum_over_ranks(values, device):
+    """Elementwise sum of a list of numbers over all ranks (plain floats back)."""
+    if dist_rank_world()[1] == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+CHATCORE_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25,   # 4-way guessing
+                      "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}        # open-ended
+
+
+def chatcore(accuracies):
+    """Mean centered accuracy over the six chat tasks (REFERENCE §9.2, E's set with SpellingBee);
+    None unless every one of them was measured."""
+    if not all(name in accuracies for name in CHATCORE_BASELINES):
+        return None
+    centered = [(accuracies[n] - b) / (1 - b) for n, b in CHATCORE_BASELINES.items()]
+    return sum(centered) / len(centered)
+
+
+# ===========================================================================
+# bits per byte: a tokenizer-independent loss (REFERENCE §0.13)
+
+def evaluate_bpb(model, batches, steps, token_bytes):
+    """Sum of the loss in nats over target tokens that stand for bytes, divided by ln 2 times their
+    byte count, over `steps` (x, y) batches and all ranks. Targets < 0 and special tokens
+    (0 bytes) are left out of both sums."""
+    device = model_device(model)
+    token_bytes = torch.as_tensor(token_bytes, device=device)
+    nats, nbytes = 0.0, 0.0
+    for _, (x, y) in zip(range(steps), batches):
+        loss = model(x, y, loss_reduction="none").reshape(-1)     # (B*T,) nats per target
+        y = y.reshape(-1)
+        counted = token_bytes[y.clamp(min=0)] * (y >= 0)
+        nats += (loss * (counted > 0)).sum().item()
+        nbytes += counted.sum().item()
+    nats, nbytes = sum_over_ranks([nats, nbytes], device)
+    if nbytes == 0:
+        raise ValueError("bits per byte: no target bytes seen (no batches, or only special tokens)")
+    return nats / (math.log(2) * nbytes)
+
+
+PRETRAIN_REPO = "karpathy/fineweb-edu-100b-shuffle"
+TRAIN_SHARD, VAL_SHARD = "shard_00000.parquet", "shard_01822.parquet"
+
+
+def pretrain_shard(name):
+    """A pretraining shard: the copy pretrain.py downloaded to $SLIMCHAT_HOME/data, else the hub's."""
+    local = os.path.join(gpt.home(), "data", name)
+    return local if os.path.exists(local) else gpt.fetch_hub(PRETRAIN_REPO, name)
+
+
+def shard_batches(tokenizer, path, batch_size, seq_len, device, rank=0, world=1):
+    """Endless (inputs, targets) batches of one text shard: documents with BOS in front, concatenated
+    and cut into rows of seq_len + 1 tokens; rank r takes rows r, r + world, ..."""
+    stream, rows, row_number = [], [], 0
+    while True:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=128, columns=["text"]):
+            for ids in tokenizer.encode_batch(batch.column(0).to_pylist()):
+                stream += [tokenizer.bos_id] + ids
+                while len(stream) >= seq_len + 1:
+                    if row_number % world == rank:
+                        rows.append(stream[:seq_len + 1])
+                    stream, row_number = stream[seq_len + 1:], row_number + 1
+                    if len(rows) == batch_size:
+                        t = torch.tensor(rows, dtype=torch.long, device=device)
+                        yield t[:, :-1], t[:, 1:]
+                        rows = []
+
+
+def split_bpb(model, tokenizer, tokens, rows_per_batch):
+    """{'train_bpb', 'val_bpb'} over about `tokens` tokens of each split."""
+    rank, world = dist_rank_world()
+    seq_len, device = model.config.sequence_len, model_device(model)
+    steps = max(1, tokens // (rows_per_batch * seq_len * world))
+    token_bytes = tokenizer.token_bytes()
+    result = {}
+    for split, name in (("train", TRAIN_SHARD), ("val", VAL_SHARD)):
+        batches = shard_batches(tokenizer, pretrain_shard(name), rows_per_batch, seq_len, device, rank, world)
+        with torch.no_grad():
+            result[f"{split}_bpb"] = evaluate_bpb(model, batches, steps, token_bytes)
+    return result
+
+
+# ===========================================================================
+# CORE (REFERENCE §9.1, §16): 22 in-context tasks of DCLM, scored by the base model's losses
+
+CORE_TASKS = [  # label, file under eval_bundle/eval_data/, kind, few-shot examples, continuation delimiter
+    ("hellaswag_zeroshot", "language_understanding/hellaswag.jsonl", "multiple_choice", 0, " "),
+    ("jeopardy", "world_knowledge/jeopardy_all.jsonl", "language_modeling", 10, "\nAnswer: "),
+    ("bigbench_qa_wikidata", "world_knowledge/bigbench_qa_wikidata.jsonl", "language_modeling", 10, " "),
+    ("arc_easy", "world_knowledge/arc_easy.jsonl", "multiple_choice", 10, "\nAnswer: "),
+    ("arc_challenge", "world_knowledge/arc_challenge.jsonl", "multiple_choice", 10, "\nAnswer: "),
+    ("copa", "commonsense_reasoning/copa.jsonl", "multiple_choice", 0, " "),
+    ("commonsense_qa", "commonsense_reasoning/commonsense_qa.jsonl", "multiple_choice", 10, " "),
+    ("piqa", "commonsense_reasoning/piqa.jsonl", "multiple_choice", 10, "\nAnswer: "),
+    ("openbook_qa", "commonsense_reasoning/openbook_qa.jsonl", "multiple_choice", 0, " "),
+    ("lambada_openai", "language_understanding/lambada_openai.jsonl", "language_modeling", 0, " "),
+    ("hellaswag", "language_understanding/hellaswag.jsonl", "multiple_choice", 10, " "),
+    ("winograd", "language_understanding/winograd_wsc.jsonl", "schema", 0, " "),
+    ("winogrande", "language_understanding/winogrande.jsonl", "schema", 0, " "),
+    ("bigbench_dyck_languages", "symbolic_problem_solving/bigbench_dyck_languages.jsonl", "language_modeling", 10, " "),
+    ("agi_eval_lsat_ar", "symbolic_problem_solving/agi_eval_lsat_ar.jsonl", "multiple_choice", 3, " "),
+    ("bigbench_cs_algorithms", "symbolic_problem_solving/bigbench_cs_algorithms.jsonl", "language_modeling", 10, " "),
+    ("bigbench_operators", "symbolic_problem_solving/bigbench_operators.jsonl", "language_modeling", 10, " "),
+    ("bigbench_repeat_copy_logic", "symbolic_problem_solving/bigbench_repeat_copy_logic.jsonl", "language_modeling", 10, " "),
+    ("squad", "reading_comprehension/squad.jsonl", "language_modeling", 10, " "),
+    ("coqa", "reading_comprehension/coqa.jsonl", "language_modeling", 0, " "),
+    ("boolq", "reading_comprehension/boolq.jsonl", "multiple_choice", 10, "\nAnswer: "),
+    ("bigbench_language_identification", "language_understanding/bigbench_language_identification.jsonl", "multiple_choice", 10, " "),
+]
+CORE_DATA_SEED = 1337      # examples are shuffled with this seed, then cut to max_per_task
+CORE_FEWSHOT_SEED = 1234   # example i draws its shots with Random(1234 + i)
+
+
+def safe_extract(zip_path, out_dir):
+    """Unzip, refusing members that would land outside out_dir (absolute paths, '..', symlinks)."""
+    root = os.path.realpath(out_dir)
+    with zipfile.ZipFile(zip_path) as zf:
+        for info in zf.infolist():
+            target = os.path.realpath(os.path.join(root, info.filename))
+            if target != root and not target.startswith(root + os.sep):
+                raise ValueError(f"{zip_path}: member {info.filename!r} would unpack outside {out_dir}")
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise ValueError(f"{zip_path}: member {info.filename!r} is a symlink")
+        zf.extractall(root)
+
+
+def core_bundle():
+    """The unpacked eval bundle, $SLIMCHAT_HOME/eval_bundle/, fetched and unzipped on first use.
+    The unzip goes to a private temp dir that is renamed into place, so concurrent ranks or a killed
+    run never leave a half-unpacked bundle behind."""
+    dest = os.path.join(gpt.home(), "eval_bundle")
+    if os.path.isdir(dest):
+        return dest
+    zip_path = gpt.fetch_file("eval_bundle.zip")
+    tmp = tempfile.mkdtemp(prefix=".eval_bundle-", dir=gpt.home())
+    try:
+        safe_extract(zip_path, tmp)
+        unpacked = os.path.join(tmp, "eval_bundle")
+        if not os.path.isdir(unpacked):
+            raise ValueError(f"{zip_path} has no top-level eval_bundle/ folder (layout: REFERENCE.md §16)")
+        try:
+            os.rename(unpacked, dest)
+        except OSError:
+            if not os.path.isdir(dest):   # else another process renamed its copy first: use that
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def core_baselines(bundle):
+    """Random-guess accuracy in percent per task label, from the bundle's eval_meta_data.csv."""
+    with open(os.path.join(bundle, "eval_meta_data.csv"), newline="", encoding="utf-8") as f:
+        return {row["Eval Task"].strip(): float(row["Random baseline"]) for row in csv.DictReader(f)}
+
+
+def load_core_data(bundle, filename):
+    with open(os.path.join(bundle, "eval_data", filename), encoding="utf-8") as f:
+        data = [json.loads(line) for line in f if line.strip()]
+    random.Random(CORE_DATA_SEED).shuffle(data)
+    return data
+
+
+def core_texts(item, shots, kind, delimiter):
+    """The texts to score for one item, each as (prefix, continuation)."""
+    if kind == "multiple_choice":
+        context = "".join(f"{s['query']}{delimiter}{s['choices'][s['gold']]}\n\n" for s in shots)
+        return [(context + item["query"] + delimiter, choice) for choice in item["choices"]]
+    if kind == "schema":
+        context = "".join(f"{s['context_options'][s['gold']]}{delimiter}{s['continuation']}\n\n" for s in shots)
+        return [(context + option + delimiter, item["continuation"]) for option in item["context_options"]]
+    if kind == "language_modeling":
+        context = "".join(f"{s['context']}{delimiter}{s['continuation']}\n\n" for s in shots)
+        return [(context + item["context"] + delimiter, item["continuation"])]
+    raise ValueError(f"unknown CORE task type {kind!r}")
+
+
+def core_spans(tokenizer, texts, kind):
+    """Token sequences (BOS first) and the [start, end) span of each one's continuation tokens.
+    MC options share their prefix: the continuation starts where they diverge. Schema options share
+    their ending: it is the longest common suffix. LM: the continuation follows the prefix, whose
+    trailing whitespace is stripped so the delimiter's space joins the first continuation token."""
+    bos = [tokenizer.bos_id]
+    if kind == "language_modeling":
+        prefix, continuation = texts[0]
+        short, full = bos + tokenizer.encode(prefix.rstrip()), bos + tokenizer.encode(prefix + continuation)
+        return [full], [(min(len(short), len(full) - 1), len(full))]
+    seqs = [bos + tokenizer.encode(p + c) for p, c in texts]
+    shortest = min(map(len, seqs))
+    if kind == "multiple_choice":
+        common = next((k for k in range(shortest) if len({s[k] for s in seqs}) > 1), shortest)
+        return seqs, [(min(common, len(s) - 1), len(s)) for s in seqs]
+    first_diff = next((k for k in range(1, shortest) if len({s[-k] for s in seqs}) > 1), shortest)
+    suffix = max(1, first_diff - 1)
+    return seqs, [(len(s) - suffix, len(s)) for s in seqs]
+
+
+def score_spans(model, seqs, spans, pad_id):
+    """For each sequence: (mean loss over its span, whether greedy argmax reproduces the span)."""
+    max_len = model.config.sequence_len
+    cropped = []
+    for seq, (start, end) in zip(seqs, spans):
+        cut = max(0, len(seq) - max_len)   # too long: keep the end, where the continuation is
+        cropped.append((seq[cut:], max(1, start - cut), end - cut))
+    width = max(len(s) for s, _, _ in cropped)
+    x = torch.tensor([s + [pad_id] * (width - len(s)) for s, _, _ in cropped], device=model_device(model))
+    with torch.no_grad():
+        logits = model(x)                                          # (B, T, V)
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # (B, T-1)
+    hits = logits[:, :-1].argmax(-1) == x[:, 1:]                   # (B, T-1)
+    return [(losses[b, start - 1:end - 1].mean().item(), bool(hits[b, start - 1:end - 1].all()))
+            for b, (_, start, end) in enumerate(cropped)]
+
+
+def core_item_correct(model, tokenizer, item, shots, kind, delimiter):
+    """(correct?, the option the model chose) for one item."""
+    texts = core_texts(item, shots, kind, delimiter)
+    seqs, spans = core_spans(tokenizer, texts, kind)
+    scores = score_spans(model, seqs, spans, tokenizer.bos_id)
+    if kind == "language_modeling":
+        return scores[0][1], texts[0][1]
+    choice = min(range(len(scores)), key=lambda k: scores[k][0])
+    options = item["choices"] if kind == "multiple_choice" else item["context_options"]
+    return choice == item["gold"], options[choice]
+
+
+def core_task_accuracy(model, tokenizer, data, kind, num_shots, delimiter, max_per_task=-1, records=None):
+    """Accuracy over the first max_per_task items of shuffled `data`, split across ranks. Shots come
+    from the whole task (never the item itself)."""
+    rank, world = dist_rank_world()
+    n = len(data) if max_per_task < 0 else min(len(data), max_per_task)
+    mine = []
+    for i in range(rank, n, world):
+        # positions among the other items; position p >= i is item p + 1 (no O(n) list per item)
+        picks = random.Random(CORE_FEWSHOT_SEED + i).sample(range(len(data) - 1), min(num_shots, len(data) - 1))
+        shots = [data[p + (p >= i)] for p in picks]
+        correct, output = core_item_correct(model, tokenizer, data[i], shots, kind, delimiter)
+        prompt = data[i].get("query") or data[i].get("context") or data[i]["context_options"]
+        mine.append({"index": i, "prompt": prompt, "output": output, "verdict": bool(correct)})
+    correct = sum_over_ranks([sum(r["verdict"] for r in mine)], model_device(model))[0]
+    if records is not None:
+        records.extend(gather_records(mine))
+    return correct / max(1, n)
+
+
+def centered(accuracy, baseline_percent):
+    """0 at random guessing, 1 at perfect: (acc - b) / (1 - b) with b the baseline fraction."""
+    b = 0.01 * baseline_percent
+    return (accuracy - b) / (1 - b)
+
+
+def evaluate_core(model, tokenizer, bundle=None, core_tasks=CORE_TASKS, max_per_task=-1, records=None):
+    """{'CORE': mean centered accuracy, 'tasks': {label: {accuracy, centered, baseline}}}.
+    records, when given, maps each label to its list of per-example records."""
+    bundle = bundle or core_bundle()
+    baselines = core_baselines(bundle)
+    results = {}
+    for label, filename, kind, num_shots, delimiter in core_tasks:
+        if label not in baselines:
+            raise ValueError(f"{bundle}/eval_meta_data.csv has no random baseline for {label!r}")
+        task_records = [] if records is not None else None
+        t0 = time.time()
+        accuracy = core_task_accuracy(model, tokenizer, load_core_data(bundle, filename), kind, num_shots,
+                                      delimiter, max_per_task, task_records)
+        results[label] = {"accuracy": accuracy, "centered": centered(accuracy, baselines[label]),
+                          "baseline": baselines[label]}
+        if records is not None:
+            records[label] = task_records
+        gpt.print0(f"CORE {label:<34} accuracy {accuracy:.4f}  centered {results[label]['centered']:+.4f}  "
+                   f"({time.time() - t0:.1f}s)")
+    core = sum(r["centered"] for r in results.values()) / len(results)
+    return {"CORE": core, "tasks": results}
+
+
+# ===========================================================================
+# the report card: every stage's logs, checkpoints' configs and eval results in one page
+
+REPORT_STAGES = [("base", "BASE"), ("mid", "MID"), ("sft", "SFT"), ("rl", "RL")]
+REPORT_ROWS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "SpellingBee", "ChatCORE"]
+CURVE_KEYS = ("loss", "bpb", "reward")   # logged series containing one of these get a chart
+CODE_EXTENSIONS = (".py", ".md", ".sh", ".html", ".css", ".js", ".txt", ".ini")
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_jsonl(path):
+    """The JSON objects of a log; a torn last line (a run killed mid-write) is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def latest_meta(home_dir, stage_name):
+    """The meta JSON of a stage's newest checkpoint (any tag), or None."""
+    metas = glob.glob(os.path.join(home_dir, "checkpoints", stage_name, "*", "meta_*.json"))
+    if not metas:
+        return None
+    with open(max(metas, key=os.path.getmtime), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def stage_summary(records, meta):
+    """Config, time, final metrics and loss curves of one stage's training log."""
+    curves, final = {}, {}
+    for r in records:
+        if "config" in r:   # a run's start line: settings, not metrics
+            meta = meta or {"config": r["config"]}
+            continue
+        for key, value in r.items():
+            if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            final[key] = value
+            if "step" in r and any(word in key for word in CURVE_KEYS) and math.isfinite(value):
+                curves.setdefault(key, []).append((r["step"], value))
+    for key, points in curves.items():
+        if "val" in key or "bpb" in key:
+            final[f"min_{key}"] = min(v for _, v in points)
+    seconds = sum(r["dt"] for r in records if isinstance(r.get("dt"), (int, float)))
+    return {"config": (meta or {}).get("config"), "step": (meta or {}).get("step"),
+            "steps_logged": sum("step" in r and "config" not in r for r in records), "train_time_s": seconds,
+            "final": final, "curves": curves}
+
+
+def eval_results(home_dir):
+    """Per stage, the merged results of every eval run (a later run overrides a metric)."""
+    path = os.path.join(home_dir, "logs", "eval.jsonl")
+    merged = {}
+    for r in read_jsonl(path) if os.path.exists(path) else []:
+        merged.setdefault(r.get("stage"), {}).update(r.get("results", {}))
+    return merged
+
+
+def tokenizer_stats(home_dir):
+    path = os.path.join(home_dir, "tokenizer", "tokenizer.json")
+    if not os.path.exists(path):
+        return None
+    tok = bpe.Tokenizer.load(path)
+    lengths = tok.token_bytes()
+    lengths = lengths[lengths > 0]
+    return {"vocab_size": tok.vocab_size, "fingerprint": tok.fingerprint(),
+            "special_tokens": len(bpe.SPECIAL_TOKENS), "token_bytes_min": int(lengths.min()),
+            "token_bytes_max": int(lengths.max()), "token_bytes_mean": float(lengths.mean()),
+            "token_bytes_std": float(lengths.std())}
+
+
+def git(*args):
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def code_size():
+    """Characters, lines and files of the project's own source (git-tracked when git is there)."""
+    names = git("ls-files", "--cached", "--others", "--exclude-standard").splitlines() or [
+        os.path.relpath(os.path.join(d, f), ROOT) for d, dirs, files in os.walk(ROOT)
+        if not any(part.startswith(".") for part in os.path.relpath(d, ROOT).split(os.sep)[1:] or [""])
+        and ".venv" not in d for f in files]
+    chars = lines = files = 0
+    for name in names:
+        path = os.path.join(ROOT, name)
+        if name.endswith(CODE_EXTENSIONS) and os.path.isfile(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            chars, lines, files = chars + len(text), lines + text.count("\n"), files + 1
+    return {"chars": chars, "lines": lines, "files": files, "tokens_approx": chars // 4}
+
+
+def run_header():
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    try:
+        ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        ram_gb = None
+    return {"generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "git_commit": git("rev-parse", "--short", "HEAD") or None,
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "ram_gb": round(ram_gb, 1) if ram_gb else None,
+            "gpus": gpus, "code": code_size()}
+
+
+def svg_chart(points, title, width=420, height=160):
+    """A line chart of [(x, y), ...] as one inline SVG element, with its x and y ranges labelled."""
+    pad = 36
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (width - 2 * pad) / ((x1 - x0) or 1)
+    sy = (height - 2 * pad) / ((y1 - y0) or 1)
+    line = " ".join(f"{pad + (x - x0) * sx:.1f},{height - pad - (y - y0) * sy:.1f}" for x, y in points)
+    text = 'font-family="sans-serif" font-size="11"'
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
+            f'<rect width="{width}" height="{height}" fill="white" stroke="#ccc"/>'
+            f'<text x="{pad}" y="16" {text} font-weight="bold">{title}</text>'
+            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>'
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#888"/>'
+            f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>'
+            f'<text x="2" y="{pad + 4}" {text}>{y1:.3g}</text>'
+            f'<text x="2" y="{height - pad}" {text}>{y0:.3g}</text>'
+            f'<text x="{pad}" y="{height - pad + 14}" {text}>{x0:g}</text>'
+            f'<text x="{width - pad}" y="{height - pad + 14}" {text} text-anchor="end">step {x1:g}</text>'
+            f'</svg>')
+
+
+def fmt(value):
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def metrics_table(evals):
+    """The BASE/MID/SFT/RL summary table of REFERENCE §12 ('–' where a stage or metric is missing)."""
+    rows = ["| Metric | " + " | ".join(label for _, label in REPORT_STAGES) + " |",
+            "|---|" + "---|" * len(REPORT_STAGES)]
+    for metric in REPORT_ROWS:
+        rows.append(f"| {metric} | " + " | ".join(fmt(evals.get(s, {}).get(metric)) for s, _ in REPORT_STAGES) + " |")
+    return "\n".join(rows)
+
+
+def report_markdown(data):
+    header, md = data["header"], ["# slimchat report card", ""]
+    code = header["code"]
+    md += [f"- generated: {header['generated']}",
+           f"- commit: {header['git_commit'] or '–'}" + (" (dirty)" if header["git_dirty"] else ""),
+           f"- hardware: {header['platform']}, {header['cpus']} CPUs, {header['ram_gb'] or '–'} GB RAM, "
+           f"GPUs: {', '.join(header['gpus']) or 'none'}",
+           f"- python {header['python']}, torch {header['torch']}",
+           f"- code: {code['chars']:,} chars, {code['lines']:,} lines, {code['files']} files, "
+           f"~{code['tokens_approx']:,} tokens", "", "## Summary", "", metrics_table(data["evals"]), ""]
+    md += ["## Tokenizer", ""]
+    md += [f"- {k}: {fmt(v)}" for k, v in (data["tokenizer"] or {}).items()] or ["–"]
+    for name, label in REPORT_STAGES:
+        s = data["stages"].get(name)
+        md += ["", f"## {label} ({name})", ""]
+        if s is None:
+            md.append("–")
+            continue
+        md += [f"- checkpoint step: {fmt(s['step'])}", f"- logged steps: {s['steps_logged']}",
+               f"- training time: {s['train_time_s']:.1f} s"]
+        md += [f"- {k}: {fmt(v)}" for k, v in sorted(s["final"].items())]
+        if s["config"]:
+            md += ["", "config: " + ", ".join(f"{k}={v}" for k, v in s["config"].items())]
+        md += [""] + [svg_chart(points, f"{name} {key}") for key, points in s["curves"].items() if len(points) > 1]
+        results = data["evals"].get(name)
+        if results:
+            md += ["", "eval: " + ", ".join(f"{k} {fmt(v)}" for k, v in results.items() if not isinstance(v, dict))]
+    return "\n".join(md) + "\n"
+
+
+def write_report(home_dir):
+    """Write report/report.md and report/report.json from everything under home_dir; return both paths."""
+    stages = {}
+    for name, _ in REPORT_STAGES:
+        log = os.path.join(home_dir, "logs", f"{name}.jsonl")
+        meta = latest_meta(home_dir, name)
+        if os.path.exists(log) or meta:
+            stages[name] = stage_summary(read_jsonl(log) if os.path.exists(log) else [], meta)
+    data = {"header": run_header(), "tokenizer": tokenizer_stats(home_dir), "stages": stages,
+            "evals": eval_results(home_dir)}
+    out_dir = os.path.join(home_dir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.json")
+    for path, text in zip(paths, (report_markdown(data), json.dumps(data, indent=1, default=str))):
+        atomic_write(path, text)
+    return paths
+
+
+def atomic_write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+# ===========================================================================
+# the CLI
+
+CHAT_TASKS = {
+    "ARC-Easy": lambda: ARC("ARC-Easy", "test"),
+    "ARC-Challenge": lambda: ARC("ARC-Challenge", "test"),
+    "MMLU": lambda: MMLU("test"),
+    "GSM8K": lambda: GSM8K("test"),
+    "HumanEval": HumanEval,
+    "SpellingBee": lambda: SpellingBee(256, "test"),   # E: 256 test questions
+}
+BASE_TASKS = ["CORE", "bpb"]
+
+
+def stage_tasks(stage_name, requested):
+    """The task names to run: the requested ones, checked, or the stage's default."""
+    if stage_name not in dict(REPORT_STAGES):
+        raise SystemExit(f"--stage must be one of base, mid, sft, rl; got {stage_name!r}")
+    names = [t.strip() for t in requested.split(",") if t.strip()] or (
+        BASE_TASKS if stage_name == "base" else list(CHAT_TASKS))
+    unknown = [t for t in names if t not in CHAT_TASKS and t not in BASE_TASKS]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; known: {BASE_TASKS + list(CHAT_TASKS)}")
+    return names
+
+
+def write_records(path, records):
+    atomic_write(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
+
+
+if __name__ == "__main__":
+    config = gpt.apply_overrides(globals())
+    if report:
+        for path in write_report(gpt.home()):
+            print(f"wrote {path}")
+        sys.exit(0)
+    names = stage_tasks(stage, tasks)
+
+    # -----------------------------------------------------------------------
+    # setup
+    ddp, rank, local_rank, world_size, dev = gpt.compute_init(device)
+    dtype, why = gpt.compute_dtype(dev)
+    tokenizer = gpt.load_tokenizer()
+    model, meta, _ = gpt.load_checkpoint(stage, dev, tokenizer=tokenizer, dtype=dtype)
+    model.eval()
+    engine = gpt.Engine(model, tokenizer)
+    out_dir = os.path.join(gpt.home(), "eval", stage)
+    gpt.print0(f"evaluating {stage} step {meta['step']} on {dev} ({dtype}: {why}), world size {world_size}: "
+               + ", ".join(names))
+
+    # -----------------------------------------------------------------------
+    # evals
+    results, t_start = {}, time.time()
+    for name in names:
+        t0, records = time.time(), {} if name == "CORE" else []
+        if name == "CORE":
+            core = evaluate_core(model, tokenizer, max_per_task=max_per_task, records=records)
+            results["CORE"], results["CORE_tasks"] = core["CORE"], core["tasks"]
+            line = f"CORE {core['CORE']:.4f}"
+        elif name == "bpb":
+            results.update(split_bpb(model, tokenizer, bpb_tokens, batch_size))
+            line = f"train bpb {results['train_bpb']:.4f}, val bpb {results['val_bpb']:.4f}"
+        else:
+            results[name] = run_chat_eval(CHAT_TASKS[name](), model, tokenizer, engine, max_per_task,
+                                          batch_size, num_samples, max_new_tokens, temperature, top_k, records)
+            line = f"{name} accuracy {results[name]:.4f}"
+        gpt.print0(f"{line} ({time.time() - t0:.1f}s)")
+        if rank == 0 and name != "bpb":
+            for label, recs in (records.items() if name == "CORE" else [(name, records)]):
+                write_records(os.path.join(out_dir, f"{label}.jsonl"), recs)
+    if chatcore(results) is not None:
+        results["ChatCORE"] = chatcore(results)
+        gpt.print0(f"ChatCORE {results['ChatCORE']:.4f}")
+
+    # -----------------------------------------------------------------------
+    # save
+    if rank == 0:
+        summary = {"stage": stage, "step": meta["step"], "time": time.time(),
+                   "seconds": time.time() - t_start, "config": config, "results": results}
+        atomic_write(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=1))
+        os.makedirs(os.path.join(gpt.home(), "logs"), exist_ok=True)
+        with open(os.path.join(gpt.home(), "logs", "eval.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(summary) + "\n")
+        gpt.print0(f"wrote {out_dir}/results.json and per-example records")
+    gpt.compute_cleanup()
