@@ -149,14 +149,18 @@ function renderParts(body, parts) {
   }
 }
 
+function fillReplyBody(body, msg) {
+  renderParts(body, msg.parts);
+  if (msg.streaming && !msg.parts.length) body.appendChild(el("span", "typing", "…"));
+}
+
 function messageNode(msg, index) {
   const node = el("div", "msg " + msg.role);
   node.dataset.index = index;
   const body = el("div", "body");
   node.appendChild(body);
   if (msg.role === "assistant") {
-    renderParts(body, msg.parts);
-    if (msg.streaming && !msg.parts.length) body.appendChild(el("span", "typing", "…"));
+    fillReplyBody(body, msg);
     if (msg.note) node.appendChild(el("div", "note", msg.note));
   } else {
     body.textContent = msg.text;   // user text shows exactly as typed
@@ -192,8 +196,11 @@ function renderLast() {   // at most one re-render of the streaming reply per fr
   requestAnimationFrame(() => {
     pending = false;
     const index = state.messages.length - 1;
-    const old = $("messages").lastElementChild;
-    if (index >= 0 && old && old.dataset.index == index) old.replaceWith(messageNode(state.messages[index], index));
+    const msg = state.messages[index], old = $("messages").lastElementChild;
+    // refill the reply's body in place, so its message and body nodes stay the same while it
+    // streams (a reader such as a test or a screen reader is not handed a node replaced every
+    // frame); the note and Regenerate button come with the full render() when the stream ends
+    if (msg?.streaming && old && old.dataset.index == index) fillReplyBody(old.querySelector(".body"), msg);
     else render();
     scrollDown();
   });
