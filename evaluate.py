@@ -18,6 +18,7 @@ report:   python evaluate.py --report=1
 The training stages import the task classes (MMLU, ARC, GSM8K, ...) so that training and evaluation
 render a task the same way. Importing this file does no work.
 """
+import copy
 import csv
 import glob
 import json
@@ -93,6 +94,12 @@ class Task:
 
     def render(self, row):
         return row
+
+    def first(self, n):
+        """The same task cut to its first n examples (all of them when it is shorter)."""
+        head = copy.copy(self)
+        head.rows = self.rows[:n]
+        return head
 
     def evaluate(self, conversation, completion):
         raise ValueError(f"{type(self).__name__} is a training task: it has no grader")
@@ -377,6 +384,14 @@ class CustomJSON(Task):
         if not rows:
             raise ValueError(f"{path} holds no conversations")
         super().__init__(rows, shuffle=False)
+
+
+def load_own_data(path):
+    """A stage's --data=PATH conversations as a CustomJSON task; SystemExit naming the bad line."""
+    try:
+        return CustomJSON(path)
+    except (OSError, ValueError) as e:   # ValueError includes a file that is not UTF-8
+        raise SystemExit(f"--data={path}: {e}") from None
 
 
 class TaskMixture:

@@ -24,10 +24,13 @@ import math
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -550,7 +553,10 @@ def use_calculator(expr):
     if not expr or len(expr) > CALC_MAX_CHARS:
         return None
     try:
-        return str(_calc_eval(ast.parse(expr, mode="eval"), [CALC_MAX_NODES]))
+        with warnings.catch_warnings():   # e.g. "1a" warns of an invalid decimal literal: stay silent
+            warnings.simplefilter("ignore")
+            tree = ast.parse(expr, mode="eval")
+        return str(_calc_eval(tree, [CALC_MAX_NODES]))
     # untrusted input boundary: any failure (syntax, zero division, overflow, deep nesting) is "no result"
     except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, MemoryError, TypeError):
         return None
@@ -760,6 +766,76 @@ def apply_overrides(scope, argv=None):
         knobs[name] = scope[name] = _parse_knob(name, text, knobs[name])
     print0("config: " + " ".join(f"{k}={v}" for k, v in knobs.items()))
     return knobs
+
+# ---------------------------------------------------------------------------
+# run records and rank agreement: the code's git state, cross-rank reductions, stop signals, JSONL logs
+
+
+def git_info():
+    """Commit and dirty flag of the code being run, for the log (None outside a git checkout)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout.strip())
+    except OSError:
+        return None
+    return {"commit": commit or None, "dirty": dirty}
+
+
+def _rank_reduce(values, ddp, device, op):
+    # float64 so progress fractions and counts survive; on the cpu unless nccl needs the GPU
+    t = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    if ddp:
+        dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def rank_max(values, ddp, device):
+    """Element-wise max of a list of floats over all ranks: every rank must call it at the same point."""
+    return _rank_reduce(values, ddp, device, dist.ReduceOp.MAX)
+
+
+def rank_sum(values, ddp, device):
+    """Element-wise sum of a list of floats over all ranks: every rank must call it at the same point."""
+    return _rank_reduce(values, ddp, device, dist.ReduceOp.SUM)
+
+
+def rank_gather(obj, ddp):
+    """[obj of rank 0, obj of rank 1, ...] (any picklable object): every rank must call it at the same point."""
+    if not ddp:
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def stop_requests():
+    """Make Ctrl-C and SIGTERM (what torchrun sends its workers when interrupted) only append the
+    signal to the list returned: the loop checks it at the top of each step, rank_max-ed so that
+    every rank saves and stops at the same step."""
+    requests = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: requests.append(signum))
+    return requests
+
+
+def rewind_log(path, keep_before):
+    """Start the JSONL log at `path` for a run: keep only the records with step < keep_before (a
+    resumed run redoes the later steps a killed run may have logged); None starts an empty log."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lines = []
+    if keep_before is not None and os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["step"] < keep_before]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def log_jsonl(path, record):
+    """Append one record (a dict) to the JSONL log; rank 0 only."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 # ---------------------------------------------------------------------------
 # checkpoints: $SLIMCHAT_HOME/checkpoints/<stage>/<tag>/{model,meta,optim}_<step>

@@ -27,14 +27,10 @@ cpu smoke: python midtrain.py --device=cpu --num_steps=4 --device_batch_size=2 -
 one gpu:   python midtrain.py
 torchrun:  torchrun --standalone --nproc_per_node=8 midtrain.py
 """
-import json
 import os
-import signal
-import subprocess
 import time
 
 import torch
-import torch.distributed as dist
 
 import evaluate
 import gpt
@@ -76,27 +72,6 @@ VAL_MMLU_ROWS, VAL_GSM8K_ROWS = 5200, 420
 # data: the mixtures, your own conversations, and the best-fit packed loader
 
 
-def load_own_data(path):
-    """Your JSONL conversations as a task, checked line by line; SystemExit naming the bad line."""
-    try:
-        return evaluate.CustomJSON(path)
-    except (OSError, ValueError) as e:   # ValueError includes a file that is not UTF-8
-        raise SystemExit(f"--data={path}: {e}") from None
-
-
-class First:
-    """The first n examples of a task (all of them when it is shorter)."""
-
-    def __init__(self, task, n):
-        self.task, self.n = task, min(n, len(task))
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.task[i]
-
-
 def train_mixture(own, data_mode, simple_spelling_rows, spelling_bee_rows):
     """REFERENCE §6's mixture, plus your conversations (`own`, a task or None), or them alone."""
     if data_mode not in ("add", "replace"):
@@ -114,8 +89,8 @@ def train_mixture(own, data_mode, simple_spelling_rows, spelling_bee_rows):
 
 
 def val_mixture():
-    return evaluate.TaskMixture([evaluate.SmolTalk("test"), First(evaluate.MMLU("test"), VAL_MMLU_ROWS),
-                                 First(evaluate.GSM8K("test"), VAL_GSM8K_ROWS)])
+    return evaluate.TaskMixture([evaluate.SmolTalk("test"), evaluate.MMLU("test").first(VAL_MMLU_ROWS),
+                                 evaluate.GSM8K("test").first(VAL_GSM8K_ROWS)])
 
 
 def take_best_fit(buffer, room):
@@ -163,7 +138,7 @@ def pass_progress(state, world, dataset_size):
     return (state["cursor"] - world * len(state["buffer"])) / dataset_size
 
 # ---------------------------------------------------------------------------
-# schedules, cross-rank decisions, logging
+# schedules
 
 
 def lr_multiplier(progress, warmdown_frac):
@@ -176,39 +151,15 @@ def muon_momentum(step):
     return 0.85 + 0.10 * min(step / 300, 1.0)
 
 
-def rank_max(values, ddp, dev):
-    """Element-wise max of a list of floats over all ranks: every rank must call it at the same point."""
-    t = torch.tensor(values, dtype=torch.float64, device=dev if dev.type == "cuda" else "cpu")
-    if ddp:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def git_info():
-    """Commit and dirty flag of the code being run, for the log (None outside a git checkout)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout.strip())
-    except OSError:
-        return None
-    return {"commit": commit or None, "dirty": dirty}
-
-
-def log_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 if __name__ == "__main__":
     config = gpt.apply_overrides(globals())
 
     # ------------------------------------------------------------------ setup
-    own = load_own_data(data) if data else None   # a bad line stops the run here, before any work
+    own = evaluate.load_own_data(data) if data else None   # a bad line stops the run here, before any work
     ddp, rank, local_rank, world_size, dev = gpt.compute_init(device)
     master = rank == 0
     dtype, dtype_reason = gpt.compute_dtype(dev)
-    gpt.print0(f"device {dev} x {world_size} rank(s), dtype {dtype} ({dtype_reason}), git {git_info()}")
+    gpt.print0(f"device {dev} x {world_size} rank(s), dtype {dtype} ({dtype_reason}), git {gpt.git_info()}")
     tok = gpt.load_tokenizer()
     token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.int64, device=dev)
     log_path = os.path.join(gpt.home(), "logs", "mid.jsonl")
@@ -275,19 +226,13 @@ if __name__ == "__main__":
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         if not resume:
             open(log_path, "w").close()   # a fresh run starts a fresh log; a resumed one appends
-        log_jsonl(log_path, {"event": "start", "step": step, "config": config, "git": git_info(),
+        gpt.log_jsonl(log_path, {"event": "start", "step": step, "config": config, "git": gpt.git_info(),
                              "world_size": world_size, "train_conversations": len(train_set)})
-    stop_signal = []    # filled by the handler; acted on at the top of the next step
-
-    def on_signal(signum, frame):
-        stop_signal.append(signum)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop_signal = gpt.stop_requests()   # filled by Ctrl-C / SIGTERM; acted on at the top of the next step
     val_bpb = None
     while True:
         # every rank agrees on the progress and on a Ctrl-C, so they all stop (and save) together
-        progress, stop = rank_max([pass_progress(loader_state, world_size, len(train_set)), len(stop_signal)],
+        progress, stop = gpt.rank_max([pass_progress(loader_state, world_size, len(train_set)), len(stop_signal)],
                                   ddp, dev)
         progress = step / num_steps if num_steps > 0 else progress
         last_step, stop = progress >= 1, stop > 0
@@ -300,11 +245,9 @@ if __name__ == "__main__":
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
             gpt.print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             if master:
-                log_jsonl(log_path, {"step": step, "val_bpb": val_bpb})
+                gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb})
         if stop or (fresh and (last_step or (save_every > 0 and step % save_every == 0 and step > 0))):
-            loader_states = [None] * world_size if ddp else [loader_state]
-            if ddp:
-                dist.all_gather_object(loader_states, loader_state)
+            loader_states = gpt.rank_gather(loader_state, ddp)
             checkpoint_meta = {"val_bpb": val_bpb, "config": config, "tokenizer": tok.fingerprint(),
                                "world_size": world_size, "num_steps": num_steps,
                                "total_batch_size": total_batch_size, "max_seq_len": max_seq_len,
@@ -330,7 +273,7 @@ if __name__ == "__main__":
                 group["momentum"] = muon_momentum(step)
         # a non-finite loss on any rank skips the update on every rank, so the ranks stay identical
         loss_value = train_loss.item()
-        skipped = rank_max([not torch.isfinite(train_loss).item()], ddp, dev)[0] > 0
+        skipped = gpt.rank_max([not torch.isfinite(train_loss).item()], ddp, dev)[0] > 0
         if not skipped:
             optimizer.step()
         model.zero_grad(set_to_none=True)
@@ -346,7 +289,7 @@ if __name__ == "__main__":
                    f"| dt {dt * 1000:.1f}ms | tok/s {total_batch_size / dt:,.0f}"
                    + (" | update skipped: non-finite loss" if skipped else ""))
         if master:
-            log_jsonl(log_path, {"step": step, "loss": loss_value, "progress": progress, "lrm": lrm,
+            gpt.log_jsonl(log_path, {"step": step, "loss": loss_value, "progress": progress, "lrm": lrm,
                                  "dt": dt, "tok_per_sec": total_batch_size / dt, "skipped": skipped})
 
     # ------------------------------------------------------------------ done

@@ -27,12 +27,9 @@ import bisect
 import collections
 import dataclasses
 import itertools
-import json
 import math
 import multiprocessing
 import os
-import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -331,34 +328,6 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def git_info():
-    """Commit and dirty flag of the code being run, for the log (None outside a git checkout)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout.strip())
-    except OSError:
-        return None
-    return {"commit": commit or None, "dirty": dirty}
-
-
-def log_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def rewind_log(path, step):
-    """Drop the records a killed run logged after its last checkpoint `step`, which a resumed run
-    logs again; a fresh run (step None) starts an empty log."""
-    lines = []
-    if step is not None and os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
-
-
 if __name__ == "__main__":
     config = gpt.apply_overrides(globals())
     data_dir = os.path.join(gpt.home(), "data")
@@ -371,7 +340,7 @@ if __name__ == "__main__":
     master = rank == 0
     dtype, dtype_reason = gpt.compute_dtype(dev)
     torch.manual_seed(seed)
-    git = git_info()
+    git = gpt.git_info()
     gpt.print0(f"device {dev} x {world_size} rank(s), dtype {dtype} ({dtype_reason}), git {git}")
     tok = gpt.load_tokenizer()
     token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.int64, device=dev)
@@ -456,25 +425,15 @@ if __name__ == "__main__":
     loop = meta["loop_state"] if meta else {"min_val_bpb": float("inf"), "smooth_loss": 0.0, "training_time": 0.0}
     step = start_step = meta["step"] if meta else 0
     if master:
-        os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        rewind_log(log_path, start_step if resume else None)
-        log_jsonl(log_path, {"event": "start", "step": step, "config": config, "git": git,
+        gpt.rewind_log(log_path, start_step + 1 if resume else None)   # step start_step is not redone
+        gpt.log_jsonl(log_path, {"event": "start", "step": step, "config": config, "git": git,
                              "world_size": world_size, "num_params": num_params, "num_steps": horizon})
-    stop_signal = []    # filled by the handler; acted on at the top of the next step
-
-    def on_signal(signum, frame):
-        stop_signal.append(signum)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop_signal = gpt.stop_requests()   # filled by Ctrl-C / SIGTERM; acted on at the top of the next step
     peak = peak_flops(dev)
     val_bpb, timed_steps = None, 0
     while True:
         last_step = step == horizon
-        stop = torch.tensor(len(stop_signal), device=dev if dev.type == "cuda" else "cpu")
-        if ddp:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)   # every rank stops at the same step
-        stop = bool(stop.item())
+        stop = gpt.rank_max([len(stop_signal)], ddp, dev)[0] > 0   # every rank stops at the same step
         fresh = step > start_step or not resume   # a resumed run has already done step's evals and save
 
         if fresh and (last_step or (eval_every > 0 and step % eval_every == 0)):
@@ -484,7 +443,7 @@ if __name__ == "__main__":
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
             gpt.print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             if master:
-                log_jsonl(log_path, {"step": step, "val_bpb": val_bpb})
+                gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb})
         if fresh and master and (last_step or (sample_every > 0 and step % sample_every == 0)):
             engine = gpt.Engine(raw_model, tok)
             samples = []
@@ -492,11 +451,9 @@ if __name__ == "__main__":
                 seqs, _ = engine.generate_batch([tok.bos_id] + tok.encode(prompt), max_tokens=16, temperature=0.0)
                 samples.append(tok.decode(seqs[0][1:]))
                 print(f"sample: {samples[-1]!r}")
-            log_jsonl(log_path, {"step": step, "samples": samples})
+            gpt.log_jsonl(log_path, {"step": step, "samples": samples})
         if stop or (fresh and (last_step or (save_every > 0 and step % save_every == 0 and step > 0))):
-            loader_states = [None] * world_size if ddp else [loader_state]
-            if ddp:
-                dist.all_gather_object(loader_states, loader_state)
+            loader_states = gpt.rank_gather(loader_state, ddp)
             checkpoint_meta = {"val_bpb": val_bpb, "config": config, "tokenizer": tok.fingerprint(),
                                "world_size": world_size, "num_steps": horizon,
                                "total_batch_size": total_batch_size, "max_seq_len": max_seq_len,
@@ -542,7 +499,7 @@ if __name__ == "__main__":
                    f"| lrm {lrm:.3f} | dt {dt * 1000:.1f}ms | tok/s {tok_per_sec:,.0f} | mfu "
                    f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | eta {eta / 60:.1f}m")
         if master:
-            log_jsonl(log_path, {"step": step, "loss": loss_value, "smooth_loss": smooth, "lrm": lrm,
+            gpt.log_jsonl(log_path, {"step": step, "loss": loss_value, "smooth_loss": smooth, "lrm": lrm,
                                  "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu})
 
     # ------------------------------------------------------------------ done

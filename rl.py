@@ -25,16 +25,11 @@ smoke: python rl.py --device=cpu --num_steps=4 --examples_per_step=2 --num_sampl
 one GPU: python rl.py
 full:  torchrun --standalone --nproc_per_node=8 rl.py
 """
-import json
 import math
 import os
-import signal
-import subprocess
-import threading
 import time
 
 import torch
-import torch.distributed as dist
 
 import gpt
 import evaluate
@@ -131,14 +126,6 @@ def policy_gradient_loss(logp, targets, advantages, num_tokens):
     return -(logp * sampled * advantages[:, None]).sum() / max(num_tokens, 1)
 
 
-def all_reduce_sum(values, device, ddp):
-    """Sum a list of floats over ranks (every rank must call this at the same point)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device if ddp else "cpu")
-    if ddp:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 def generate(engine, tokenizer, prompt, count, seed, max_tokens, temperature, top_k):
     """`count` sampled answers to one prompt through the Engine: (sequences, masks, texts)."""
     sequences, masks = engine.generate_batch(prompt, num_samples=count, max_tokens=max_tokens,
@@ -159,38 +146,8 @@ def evaluate_pass_at_k(task, engine, tokenizer, indices, num_draws, sampling, se
         for k in range(1, num_draws + 1):
             sums[k - 1] += pass_at_k(num_draws, c, k)
         sums[-1] += 1
-    sums = all_reduce_sum(sums, device, ddp)
+    sums = gpt.rank_sum(sums, ddp, device)
     return [s / max(sums[-1], 1) for s in sums[:-1]]
-
-
-def git_info():
-    """Commit and dirty flag of the code being run, for the log (None outside a git checkout)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout.strip())
-    except OSError:
-        return None
-    return {"commit": commit or None, "dirty": dirty}
-
-
-def start_log(path, resume_step):
-    """A fresh run (resume_step None) starts an empty log. A resumed run keeps only the rows of
-    the steps before its checkpoint: a killed run may have logged later steps, which are redone."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    rows = []
-    if resume_step is not None and os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f if json.loads(line)["step"] < resume_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
-
-
-def log_jsonl(path, row):
-    """Append one metrics row to the JSONL log (rank 0 only)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
@@ -200,7 +157,7 @@ if __name__ == "__main__":
     # setup
     ddp, rank, local_rank, world_size, device = gpt.compute_init(device)
     dtype, dtype_reason = gpt.compute_dtype(device)
-    gpt.print0(f"device {device}, dtype {dtype} ({dtype_reason}), world size {world_size}, git {git_info()}")
+    gpt.print0(f"device {device}, dtype {dtype} ({dtype_reason}), world size {world_size}, git {gpt.git_info()}")
     tag = model_tag or None
     if examples_per_step % world_size:
         raise SystemExit(f"examples_per_step={examples_per_step} must be a multiple of the world size "
@@ -213,11 +170,7 @@ if __name__ == "__main__":
                          f"run without --resume first")
     tokenizer = gpt.load_tokenizer()
     log_path = os.path.join(gpt.home(), "logs", "rl.jsonl")
-    # Ctrl-C only raises a flag; the loop all-reduces it so every rank saves and stops together.
-    # SIGTERM too, because that is what torchrun sends its workers when it is interrupted.
-    interrupted = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: interrupted.set())
+    stop_signal = gpt.stop_requests()   # filled by Ctrl-C / SIGTERM; acted on at the top of the next step
 
     # -----------------------------------------------------------------------
     # data
@@ -244,8 +197,8 @@ if __name__ == "__main__":
     engine = gpt.Engine(model, tokenizer)
     pad_id = tokenizer.special("<|assistant_end|>")   # padding is never a target
     if rank == 0:
-        start_log(log_path, start_step if resume else None)
-        log_jsonl(log_path, {"event": "start", "step": start_step, "config": config, "git": git_info(),
+        gpt.rewind_log(log_path, start_step if resume else None)   # step start_step is redone
+        gpt.log_jsonl(log_path, {"event": "start", "step": start_step, "config": config, "git": gpt.git_info(),
                              "world_size": world_size, "num_steps": num_steps, "source": source,
                              "source_step": meta["step"]})
 
@@ -269,13 +222,13 @@ if __name__ == "__main__":
     pass_k = None
     for step in range(start_step, num_steps + 1):
         last_step = step == num_steps
-        stop = all_reduce_sum([float(interrupted.is_set())], device, ddp)[0] > 0
+        stop = gpt.rank_max([len(stop_signal)], ddp, device)[0] > 0   # every rank stops at the same step
         if eval_every > 0 and (step % eval_every == 0 or last_step):
             pass_k = evaluate_pass_at_k(test_task, engine, tokenizer, eval_indices, eval_samples,
                                         sampling, seed, device, ddp)
             gpt.print0(f"step {step:05d} | " + " ".join(f"pass@{k} {p:.4f}" for k, p in enumerate(pass_k, 1)))
             if rank == 0:
-                log_jsonl(log_path, {"step": step, **{f"pass@{k}": p for k, p in enumerate(pass_k, 1)}})
+                gpt.log_jsonl(log_path, {"step": step, **{f"pass@{k}": p for k, p in enumerate(pass_k, 1)}})
 
         # -------------------------------------------------------------------
         # save
@@ -322,12 +275,12 @@ if __name__ == "__main__":
         dt = time.time() - t0
 
         # log: mean reward and sample length over every rank's samples
-        reward_sum, count, token_sum = all_reduce_sum([rewards.sum().item(), rewards.numel(), gen_tokens],
-                                                      device, ddp)
+        reward_sum, count, token_sum = gpt.rank_sum([rewards.sum().item(), rewards.numel(), gen_tokens],
+                                                    ddp, device)
         gpt.print0(f"step {step:05d}/{num_steps} | reward {reward_sum / count:.4f} | sample len "
                    f"{token_sum / count:.1f} | lrm {lrm:.3f} | dt {dt:.2f}s")
         if rank == 0:
-            log_jsonl(log_path, {"step": step, "reward": reward_sum / count, "sample_len": token_sum / count,
+            gpt.log_jsonl(log_path, {"step": step, "reward": reward_sum / count, "sample_len": token_sum / count,
                                  "lrm": lrm, "dt": dt})
 
     gpt.compute_cleanup()

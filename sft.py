@@ -27,14 +27,10 @@ cpu smoke: python sft.py --device=cpu --num_steps=4 --device_batch_size=2 --exam
 one gpu:   python sft.py
 torchrun:  torchrun --standalone --nproc_per_node=8 sft.py
 """
-import json
 import os
-import signal
-import subprocess
 import time
 
 import torch
-import torch.distributed as dist
 
 import evaluate
 import gpt
@@ -73,27 +69,6 @@ save_every = -1             # steps between checkpoints; -1 = only at the end (a
 # data: the mixture, your own conversations, and the padded one-conversation-per-row loader
 
 
-def load_own_data(path):
-    """Your JSONL conversations as a task, checked line by line; SystemExit naming the bad line."""
-    try:
-        return evaluate.CustomJSON(path)
-    except (OSError, ValueError) as e:   # ValueError includes a file that is not UTF-8
-        raise SystemExit(f"--data={path}: {e}") from None
-
-
-class First:
-    """The first n examples of a task (all of them when it is shorter)."""
-
-    def __init__(self, task, n):
-        self.task, self.n = task, min(n, len(task))
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.task[i]
-
-
 def train_mixture(own, data_mode, smoltalk_rows, spelling_rows):
     """REFERENCE §7's mixture, plus your conversations (`own`, a task or None), or them alone."""
     if data_mode not in ("add", "replace"):
@@ -103,7 +78,7 @@ def train_mixture(own, data_mode, smoltalk_rows, spelling_rows):
             raise SystemExit("--data_mode=replace needs --data=PATH")
         return evaluate.TaskMixture([own])
     tasks = [evaluate.ARC("ARC-Easy", "train"), evaluate.ARC("ARC-Challenge", "train"),
-             evaluate.GSM8K("train"), First(evaluate.SmolTalk("train"), smoltalk_rows),
+             evaluate.GSM8K("train"), evaluate.SmolTalk("train").first(smoltalk_rows),
              evaluate.CustomJSON(gpt.fetch_file("identity_conversations.jsonl")),
              evaluate.SimpleSpelling(spelling_rows, "train"), evaluate.SpellingBee(spelling_rows, "train")]
     return evaluate.TaskMixture(tasks + ([own] if own is not None else []))
@@ -160,7 +135,7 @@ def masked_loss(model, x, y):
     return model(x, y, loss_reduction="sum") / (y >= 0).sum().clamp(min=1)
 
 # ---------------------------------------------------------------------------
-# schedules, cross-rank decisions, logging
+# schedules
 
 
 def lr_multiplier(step, num_steps):
@@ -168,39 +143,15 @@ def lr_multiplier(step, num_steps):
     return 1.0 - step / num_steps
 
 
-def rank_max(values, ddp, dev):
-    """Element-wise max of a list of floats over all ranks: every rank must call it at the same point."""
-    t = torch.tensor(values, dtype=torch.float64, device=dev if dev.type == "cuda" else "cpu")
-    if ddp:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def git_info():
-    """Commit and dirty flag of the code being run, for the log (None outside a git checkout)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout.strip())
-    except OSError:
-        return None
-    return {"commit": commit or None, "dirty": dirty}
-
-
-def log_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 if __name__ == "__main__":
     config = gpt.apply_overrides(globals())
 
     # ------------------------------------------------------------------ setup
-    own = load_own_data(data) if data else None   # a bad line stops the run here, before any work
+    own = evaluate.load_own_data(data) if data else None   # a bad line stops the run here, before any work
     ddp, rank, local_rank, world_size, dev = gpt.compute_init(device)
     master = rank == 0
     dtype, dtype_reason = gpt.compute_dtype(dev)
-    gpt.print0(f"device {dev} x {world_size} rank(s), dtype {dtype} ({dtype_reason}), git {git_info()}")
+    gpt.print0(f"device {dev} x {world_size} rank(s), dtype {dtype} ({dtype_reason}), git {gpt.git_info()}")
     tok = gpt.load_tokenizer()
     token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.int64, device=dev)
     log_path = os.path.join(gpt.home(), "logs", "sft.jsonl")
@@ -263,20 +214,14 @@ if __name__ == "__main__":
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         if not resume:
             open(log_path, "w").close()   # a fresh run starts a fresh log; a resumed one appends
-        log_jsonl(log_path, {"event": "start", "step": step, "config": config, "git": git_info(),
+        gpt.log_jsonl(log_path, {"event": "start", "step": step, "config": config, "git": gpt.git_info(),
                              "world_size": world_size, "num_steps": num_steps,
                              "train_conversations": len(train_set)})
-    stop_signal = []    # filled by the handler; acted on at the top of the next step
-
-    def on_signal(signum, frame):
-        stop_signal.append(signum)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop_signal = gpt.stop_requests()   # filled by Ctrl-C / SIGTERM; acted on at the top of the next step
     val_bpb = None
     while True:
         last_step = step == num_steps
-        stop = rank_max([len(stop_signal)], ddp, dev)[0] > 0   # every rank stops at the same step
+        stop = gpt.rank_max([len(stop_signal)], ddp, dev)[0] > 0   # every rank stops at the same step
         fresh = step > start_step or not resume   # a resumed run has already done step's evals and save
 
         if fresh and (last_step or (eval_every > 0 and step % eval_every == 0)):
@@ -285,7 +230,7 @@ if __name__ == "__main__":
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
             gpt.print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             if master:
-                log_jsonl(log_path, {"step": step, "val_bpb": val_bpb})
+                gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb})
             model.train()
         if fresh and (last_step or (mc_every > 0 and step % mc_every == 0)):
             model.eval()
@@ -294,11 +239,9 @@ if __name__ == "__main__":
             model.train()
             gpt.print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
             if master:
-                log_jsonl(log_path, {"step": step, **accuracy})
+                gpt.log_jsonl(log_path, {"step": step, **accuracy})
         if stop or (fresh and (last_step or (save_every > 0 and step % save_every == 0 and step > 0))):
-            loader_states = [None] * world_size if ddp else [loader_state]
-            if ddp:
-                dist.all_gather_object(loader_states, loader_state)
+            loader_states = gpt.rank_gather(loader_state, ddp)
             checkpoint_meta = {"val_bpb": val_bpb, "config": config, "tokenizer": tok.fingerprint(),
                                "world_size": world_size, "num_steps": num_steps,
                                "examples_per_step": examples_per_step, "max_seq_len": max_seq_len,
@@ -322,7 +265,7 @@ if __name__ == "__main__":
             group["lr"] = group["initial_lr"] * lrm
         # a non-finite loss on any rank skips the update on every rank, so the ranks stay identical
         loss_value = train_loss.item()
-        skipped = rank_max([not torch.isfinite(train_loss).item()], ddp, dev)[0] > 0
+        skipped = gpt.rank_max([not torch.isfinite(train_loss).item()], ddp, dev)[0] > 0
         if not skipped:
             optimizer.step()
         model.zero_grad(set_to_none=True)
@@ -338,7 +281,7 @@ if __name__ == "__main__":
                    f"| lrm {lrm:.3f} | dt {dt * 1000:.1f}ms | skipped conversations {loader_state['skipped']}"
                    + (" | update skipped: non-finite loss" if skipped else ""))
         if master:
-            log_jsonl(log_path, {"step": step, "loss": loss_value, "lrm": lrm, "dt": dt, "skipped": skipped,
+            gpt.log_jsonl(log_path, {"step": step, "loss": loss_value, "lrm": lrm, "dt": dt, "skipped": skipped,
                                  "skipped_conversations": loader_state["skipped"]})
 
     # ------------------------------------------------------------------ done

@@ -171,6 +171,17 @@ def test_task_mixture_is_deterministic_and_oversamples():
     assert items == [ev.TaskMixture([a, b, b])[i] for i in range(5)]
 
 
+def test_task_first_keeps_the_first_rows_and_the_class():
+    class Doubled(ev.Task):
+        def render(self, row):
+            return 2 * row
+    task = Doubled(range(20))
+    head = task.first(5)
+    assert type(head) is Doubled and len(head) == 5 and len(task) == 20
+    assert [head[i] for i in range(5)] == [task[i] for i in range(5)]
+    assert len(task.first(100)) == 20
+
+
 def test_training_tasks_have_no_grader(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]) + "\n")

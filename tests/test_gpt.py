@@ -6,10 +6,12 @@ loopback HTTP server. CPU, fp32, deterministic. The 2-process torchrun test is i
 import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -251,6 +253,51 @@ def test_calculator_refuses_hostile_input_fast():
         t0 = time.perf_counter()
         assert gpt.use_calculator(expr) is None, expr
         assert time.perf_counter() - t0 < 0.05, expr[:40]
+
+
+def test_calculator_is_silent_on_malformed_literals():
+    # ast.parse warns (SyntaxWarning: invalid decimal literal) on these; the tool must not write to stderr
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for expr in ["1if 2else 3", "0x1for", "3in [3]", "5and 3"]:
+            assert gpt.use_calculator(expr) is None, expr
+    assert caught == []
+
+# ---------------------------------------------------------------------------
+# run records
+
+
+def test_rewind_log_keeps_only_steps_before_the_resume_point(tmp_path):
+    """A resumed run redoes the steps from its resume point on, so their old records must go."""
+    path = str(tmp_path / "logs" / "rl.jsonl")
+    gpt.rewind_log(path, None)
+    for step in range(5):
+        gpt.log_jsonl(path, {"step": step, "reward": 0.5})
+    gpt.rewind_log(path, 3)
+    assert [json.loads(line)["step"] for line in open(path)] == [0, 1, 2]
+    gpt.rewind_log(path, None)
+    assert open(path).read() == ""
+
+
+def test_git_info_and_single_rank_reductions():
+    info = gpt.git_info()
+    assert info is None or set(info) == {"commit", "dirty"}
+    cpu = torch.device("cpu")
+    assert gpt.rank_max([1.5, 0, True], False, cpu) == [1.5, 0.0, 1.0]
+    assert gpt.rank_sum([2, 0.25], False, cpu) == [2.0, 0.25]
+    assert gpt.rank_gather({"cursor": 3}, False) == [{"cursor": 3}]
+
+
+def test_stop_requests_turn_signals_into_a_flag():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        requests = gpt.stop_requests()
+        os.kill(os.getpid(), signal.SIGTERM)   # the handler runs before the next bytecode
+        os.kill(os.getpid(), signal.SIGINT)
+        assert requests == [signal.SIGTERM, signal.SIGINT]
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 # ---------------------------------------------------------------------------
 # checkpoints and overrides

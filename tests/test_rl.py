@@ -76,18 +76,6 @@ def test_policy_gradient_loss_is_token_normalised():
     assert torch.allclose(logp.grad, torch.tensor([[0.0, -0.5 / 3, -0.5 / 3], [1.0 / 3, 0.0, 0.0]]))
 
 
-def test_start_log_keeps_only_steps_before_the_checkpoint(tmp_path):
-    """A resumed run redoes the steps from its checkpoint on, so their old rows must go."""
-    path = str(tmp_path / "logs" / "rl.jsonl")
-    rl.start_log(path, None)
-    for step in range(5):
-        rl.log_jsonl(path, {"step": step, "reward": 0.5})
-    rl.start_log(path, 3)
-    assert [json.loads(line)["step"] for line in open(path)] == [0, 1, 2]
-    rl.start_log(path, None)
-    assert open(path).read() == ""
-
-
 def test_reward_is_the_gsm8k_grader(mirror, tmp_path, monkeypatch):
     """The reward is 1.0 exactly when the '#### N' of the completion matches the reference."""
     import evaluate

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import bpe
+import evaluate
 import gpt
 import midtrain
 import sft
@@ -237,7 +238,7 @@ def test_bad_jsonl_line_is_reported_by_number(mirror, mid_home, tmp_path):
     roles = tmp_path / "roles.jsonl"
     roles.write_text(json.dumps(good) + "\n" + json.dumps(good[::-1]) + "\n")   # assistant speaks first
     with pytest.raises(SystemExit, match="line 2"):
-        midtrain.load_own_data(str(roles))
+        evaluate.load_own_data(str(roles))
     assert not os.path.exists(os.path.join(home, "checkpoints", "sft"))
     assert not os.path.exists(os.path.join(home, "logs", "sft.jsonl"))
     lines[2] = json.dumps(good)
