@@ -134,26 +134,27 @@ tiny)
     step download python pretrain.py --download=4
     step tokenizer python bpe.py train --vocab_size=512
     step tokenizer_eval python bpe.py eval
-    # a 2-layer model of width 128 (0.5M parameters): 400 steps of 1,024 tokens = 0.4M tokens,
-    # about 40% of the mirror's 1M tokens of shards
+    # a 2-layer model of width 128 (0.5M parameters): 1,500 steps of 1,024 tokens = 1.5M tokens,
+    # about 1.5 passes over the mirror's 1M tokens of shards
     step pretrain python pretrain.py --device=cpu --depth=2 --n_embd=128 --n_head=2 --max_seq_len=128 \
-        --device_batch_size=8 --total_batch_size=1024 --num_steps=400 --eval_every=100 \
-        --eval_tokens=8192 --sample_every=200 --save_every=200 $(resume_flag base)
+        --device_batch_size=8 --total_batch_size=1024 --num_steps=1500 --eval_every=250 \
+        --eval_tokens=8192 --sample_every=500 --save_every=500 $(resume_flag base)
     step eval_base python evaluate.py --stage=base --device=cpu --max_per_task=32 --bpb_tokens=8192
-    # mid: 200 steps of 1,024 tokens over the mixture, spelling tasks cut to the mirror's scale
-    step midtrain python midtrain.py --device=cpu --num_steps=200 --simple_spelling_rows=300 \
-        --spelling_bee_rows=300 --buffer_size=64 --eval_every=100 --eval_tokens=4096 --save_every=100 $(resume_flag mid)
+    # mid: 600 steps of 1,024 tokens over the mixture, spelling tasks cut to the mirror's scale
+    step midtrain python midtrain.py --device=cpu --num_steps=600 --simple_spelling_rows=300 \
+        --spelling_bee_rows=300 --buffer_size=64 --eval_every=200 --eval_tokens=4096 --save_every=200 $(resume_flag mid)
     step eval_mid python evaluate.py --stage=mid --device=cpu --max_per_task=32 --max_new_tokens=48
-    # sft: 150 steps of 8 conversations; a tiny model needs 10x the reference's LR fraction
-    step sft python sft.py --device=cpu --num_steps=150 --device_batch_size=8 --examples_per_step=8 \
-        --smoltalk_rows=200 --spelling_rows=100 --init_lr_frac=0.2 --eval_every=50 --eval_steps=4 \
-        --mc_every=75 --mc_problems=32 --save_every=75 $(resume_flag sft)
+    # sft: 300 steps of 8 conversations; a tiny model needs 10x the reference's LR fraction
+    step sft python sft.py --device=cpu --num_steps=300 --device_batch_size=8 --examples_per_step=8 \
+        --smoltalk_rows=200 --spelling_rows=100 --init_lr_frac=0.2 --eval_every=100 --eval_steps=4 \
+        --mc_every=150 --mc_problems=32 --save_every=150 $(resume_flag sft)
     step eval_sft python evaluate.py --stage=sft --device=cpu --max_per_task=32 --max_new_tokens=48
-    # rl: 20 steps of 4 questions x 8 samples; init_lr_frac 0.3 because 0.05 barely moves a tiny model
-    step rl python rl.py --device=cpu --num_steps=20 --examples_per_step=4 --num_samples=8 \
-        --device_batch_size=8 --max_new_tokens=48 --init_lr_frac=0.3 --eval_every=10 --eval_examples=32 \
-        --eval_samples=4 --save_every=10 $(resume_flag rl)
-    step eval_rl python evaluate.py --stage=rl --device=cpu --tasks=GSM8K --max_per_task=32 --max_new_tokens=48
+    # rl: 30 steps of 8 questions x 16 samples (a tiny model is right on few samples, and a group
+    # with no right answer teaches nothing); init_lr_frac 0.3 because 0.05 barely moves it
+    step rl python rl.py --device=cpu --num_steps=30 --examples_per_step=8 --num_samples=16 \
+        --device_batch_size=16 --max_new_tokens=64 --init_lr_frac=0.3 --eval_every=15 --eval_examples=50 \
+        --eval_samples=8 --save_every=15 $(resume_flag rl)
+    step eval_rl python evaluate.py --stage=rl --device=cpu --tasks=GSM8K --max_per_task=32 --max_new_tokens=64
 
     python evaluate.py --report=1
     python tests/check_report.py "$SLIMCHAT_HOME/report/report.json"
