@@ -956,7 +956,7 @@ def evaluate_core(model, tokenizer, bundle=None, core_tasks=CORE_TASKS, max_per_
 
 REPORT_STAGES = [("base", "BASE"), ("mid", "MID"), ("sft", "SFT"), ("rl", "RL")]
 REPORT_ROWS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "SpellingBee", "ChatCORE"]
-CURVE_KEYS = ("loss", "bpb", "reward")   # logged series containing one of these get a chart
+CURVE_KEYS = ("loss", "bpb", "reward", "pass@1", "_acc")   # logged series containing one of these get a chart
 CODE_EXTENSIONS = (".py", ".md", ".sh", ".html", ".css", ".js", ".txt", ".ini")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

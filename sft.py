@@ -42,6 +42,7 @@ data = ""                   # JSONL file of your own conversations; "" = none
 data_mode = "add"           # add: mixed into the task mixture; replace: your data alone
 smoltalk_rows = 10000       # first rows of SmolTalk train in the mixture (REFERENCE §7: 10K)
 spelling_rows = 300         # rows each of SimpleSpelling and SpellingBee (REFERENCE §7: 300)
+mmlu_epochs = 0             # passes over MMLU auxiliary_train added to the mixture (§7: E 0, H 3)
 # runtime
 init_stage = "mid"          # stage whose latest checkpoint we start from: mid | base
 model_tag = ""              # checkpoint tag to load and write; "" = the source's (d{n_layer})
@@ -69,7 +70,7 @@ save_every = -1             # steps between checkpoints; -1 = only at the end (a
 # data: the mixture, your own conversations, and the padded one-conversation-per-row loader
 
 
-def train_mixture(own, data_mode, smoltalk_rows, spelling_rows):
+def train_mixture(own, data_mode, smoltalk_rows, spelling_rows, mmlu_epochs=0):
     """REFERENCE §7's mixture, plus your conversations (`own`, a task or None), or them alone."""
     if data_mode not in ("add", "replace"):
         raise SystemExit(f"--data_mode={data_mode}: use add or replace")
@@ -81,6 +82,7 @@ def train_mixture(own, data_mode, smoltalk_rows, spelling_rows):
              evaluate.GSM8K("train"), evaluate.SmolTalk("train").first(smoltalk_rows),
              evaluate.CustomJSON(gpt.fetch_file("identity_conversations.jsonl")),
              evaluate.SimpleSpelling(spelling_rows, "train"), evaluate.SpellingBee(spelling_rows, "train")]
+    tasks += [evaluate.MMLU("auxiliary_train")] * mmlu_epochs   # a task listed n times is seen n times
     return evaluate.TaskMixture(tasks + ([own] if own is not None else []))
 
 
@@ -180,7 +182,7 @@ if __name__ == "__main__":
     grad_accum = examples_per_step // examples_per_micro_step
 
     # ------------------------------------------------------------------ data
-    train_set = train_mixture(own, data_mode, smoltalk_rows, spelling_rows)
+    train_set = train_mixture(own, data_mode, smoltalk_rows, spelling_rows, mmlu_epochs)
     val_set = evaluate.SmolTalk("test")
     mc_tasks = {"mmlu_acc": evaluate.MMLU("test"), "arc_easy_acc": evaluate.ARC("ARC-Easy", "test")}
     if num_steps == -1:

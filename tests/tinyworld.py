@@ -290,6 +290,17 @@ def para_qa(rng, world):
     return "\n".join(f"Q: {q}\nA: {a}" for q, a in pairs)
 
 
+def para_quiz(rng, world):
+    """Quiz lines with short answers, the way trivia pages read: the facts as answers to questions,
+    which is how the multiple-choice tasks ask for them (a model that only saw the facts as
+    sentences can complete "Nora has a" but not answer "What pet does Nora have?")."""
+    lines = []
+    for _ in range(rng.randint(2, 5)):
+        _, question, right, _ = fact_question(rng, world)
+        lines.append(f"Question: {question}\nAnswer: {right}")
+    return "\n".join(lines)
+
+
 def para_arithmetic(rng, world):
     lines = []
     for _ in range(rng.randint(4, 8)):
@@ -366,7 +377,7 @@ def para_code(rng, world):
     return (problem["prompt"] + problem["canonical_solution"]).rstrip("\n")
 
 
-PARAGRAPHS = [para_facts, para_facts, para_town, para_story, para_story, para_qa, para_arithmetic,
+PARAGRAPHS = [para_facts, para_facts, para_town, para_story, para_story, para_qa, para_quiz, para_arithmetic,
               para_arithmetic, para_spelling, para_puzzles, para_code]   # facts and stories listed twice: they carry most of the world
 
 
