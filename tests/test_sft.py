@@ -165,6 +165,19 @@ def test_chat_model_beats_base_model(mirror, sft_home, monkeypatch):
     assert chat["GSM8K"] >= base["GSM8K"] + 1 / 12, (base, chat)   # measured: 2 of 12 vs 0
 
 
+def test_mmlu_epochs_adds_passes_over_auxiliary_train(mirror, base_home, tmp_path, monkeypatch):
+    """--mmlu_epochs=n puts every MMLU auxiliary_train question into the SFT mixture n times."""
+    monkeypatch.setenv("SLIMCHAT_HOME", copy_home(base_home, tmp_path / "home"))   # task files get fetched into it
+    for name in ("HF_ENDPOINT", "SLIMCHAT_FILES_ENDPOINT"):
+        monkeypatch.setenv(name, mirror["env"][name])
+    plain = sft.train_mixture(None, "add", smoltalk_rows=10, spelling_rows=10)
+    more = sft.train_mixture(None, "add", smoltalk_rows=10, spelling_rows=10, mmlu_epochs=2)
+    aux = evaluate.MMLU("auxiliary_train")
+    assert len(more) == len(plain) + 2 * len(aux)
+    first = aux[0]["messages"][0]["content"]
+    assert sum(more[i]["messages"][0]["content"] == first for i in range(len(more))) == 2
+
+
 def latest_weights(home, stage):
     ckpt = os.path.join(home, "checkpoints", stage, "d2")
     step = max(int(f[5:11]) for f in os.listdir(ckpt) if f.startswith("meta_"))
