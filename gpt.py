@@ -866,9 +866,16 @@ def _steps(ckpt_dir):
     return sorted(int(m.group(1)) for f in os.listdir(ckpt_dir) if (m := re.fullmatch(r"meta_(\d+)\.json", f)))
 
 
+def _newest(ckpt_dir, steps):
+    """The step saved last (by its meta file's time, then by step), not the highest: a fresh run
+    into a folder that still holds a longer old run must resume, and hand on, its own checkpoints."""
+    return max(steps, key=lambda s: (os.stat(os.path.join(ckpt_dir, f"meta_{s:06d}.json")).st_mtime_ns, s))
+
+
 def latest_step(stage, tag=None):
-    steps = _steps(_checkpoint_dir(stage, tag))
-    return steps[-1] if steps else None
+    ckpt_dir = _checkpoint_dir(stage, tag)
+    steps = _steps(ckpt_dir)
+    return _newest(ckpt_dir, steps) if steps else None
 
 
 def save_checkpoint(stage, step, model, meta, optimizer=None, rank=0, tag=None):
@@ -896,7 +903,7 @@ def save_checkpoint(stage, step, model, meta, optimizer=None, rank=0, tag=None):
 
 def load_checkpoint(stage, device, step=None, tag=None, tokenizer=None, rank=0, dtype=None):
     """
-    Load (model, meta, optimizer state of this rank or None); the latest step by default.
+    Load (model, meta, optimizer state of this rank or None); the step saved last by default.
     With a tokenizer, refuses a checkpoint trained with a different one.
     """
     ckpt_dir = _checkpoint_dir(stage, tag)
@@ -904,7 +911,7 @@ def load_checkpoint(stage, device, step=None, tag=None, tokenizer=None, rank=0, 
     if not steps:
         where = ckpt_dir or os.path.join(home(), "checkpoints", stage)
         raise FileNotFoundError(f"no {stage} checkpoint under {where}: run the {stage} stage first")
-    step = steps[-1] if step is None else step
+    step = _newest(ckpt_dir, steps) if step is None else step
     if step not in steps:
         raise FileNotFoundError(f"no {stage} checkpoint for step {step} in {ckpt_dir} (have {steps})")
     with open(os.path.join(ckpt_dir, f"meta_{step:06d}.json"), encoding="utf-8") as f:

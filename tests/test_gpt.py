@@ -333,6 +333,20 @@ def test_checkpoint_round_trip_and_mismatch(tokenizer):
         gpt.load_checkpoint("sft", "cpu")
 
 
+def test_latest_checkpoint_is_the_one_saved_last_not_the_highest_step():
+    """A fresh short run into a folder that still holds a longer old run: resuming, evaluating and
+    the next stage must all take the new run's checkpoint."""
+    model = random_model(gpt.GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    gpt.save_checkpoint("base", 1500, model, {"run": "old"})
+    gpt.save_checkpoint("base", 200, model, {"run": "new"})
+    ckpt_dir = os.path.join(gpt.home(), "checkpoints", "base", "d1")
+    old_time = os.stat(os.path.join(ckpt_dir, "meta_001500.json")).st_mtime_ns
+    os.utime(os.path.join(ckpt_dir, "meta_000200.json"), ns=(old_time + 10**9, old_time + 10**9))
+    assert gpt.latest_step("base") == 200
+    assert gpt.load_checkpoint("base", "cpu")[1]["run"] == "new"
+    assert gpt.load_checkpoint("base", "cpu", step=1500)[1]["run"] == "old"   # still there when asked for
+
+
 SAVE_FOREVER = """
 import sys, torch, gpt
 model = gpt.new_model(gpt.GPTConfig(sequence_len=16, vocab_size=4096, n_layer=2, n_head=2, n_kv_head=2, n_embd=512), "cpu")
