@@ -4,7 +4,8 @@ carry loss.
 
 The mixture is REFERENCE §7's late-2025 column (≈23K conversations at the real sizes): ARC-Easy
 and ARC-Challenge train, GSM8K train, the first smoltalk_rows of SmolTalk train, the identity
-conversations, and spelling_rows each of SimpleSpelling and SpellingBee. Unlike pre- and
+conversations, and spelling_rows each of SimpleSpelling and SpellingBee; --mmlu_epochs adds that
+many passes over MMLU auxiliary_train, as the reference's 2026 SFT does (3). Unlike pre- and
 midtraining, each conversation gets a row of its own, right-padded to the longest row of its
 micro-batch: inputs are padded with <|assistant_end|>, and targets are -1 at the pads and wherever
 bpe's render_conversation mask is 0 (<|bos|>, user turns, <|assistant_start|>, tool outputs), so

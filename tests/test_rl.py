@@ -19,7 +19,7 @@ from conftest import ROOT, copy_home, run_script
 # The learning run: 8 questions x 16 samples per step at T=1.0 (the tiny model solves ~4% of its
 # samples, so 16 per question are needed for a group with both outcomes to be common), 30 steps
 # at 30% of the pretraining LRs (0.05, the big-model value, barely moves it; 0.5 collapsed it to
-# zero reward in trials). pass@1 is measured on 50 test questions x 8 samples at steps 0 and 30.
+# zero reward in trials). pass@1 is measured on 100 test questions x 8 samples at steps 0 and 30.
 RL_ARGS = ["--device=cpu", "--examples_per_step=8", "--num_samples=16", "--device_batch_size=8",
            "--max_new_tokens=64", "--temperature=1.0", "--init_lr_frac=0.3", "--eval_examples=100",
            "--eval_samples=8", "--save_every=-1"]
