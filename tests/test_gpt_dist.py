@@ -96,11 +96,4 @@ def test_distributed_matches_single_process(tmp_path):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
-    # Everything this worker proves is on disk now. Skip the interpreter's shutdown: there, after
-    # destroy_process_group, torch 2.13's gloo build sometimes aborts the process ("terminate called
-    # without an active exception"; seen in about 1 run in 10 of this test on a loaded 2-core box,
-    # always after both ranks had finished), which torchrun reports as a failed rank.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    worker(sys.argv[1])   # ends in gpt.compute_cleanup, which exits the process
