@@ -9,10 +9,12 @@ many passes over MMLU auxiliary_train, as the reference's 2026 SFT does (3). Unl
 midtraining, each conversation gets a row of its own, right-padded to the longest row of its
 micro-batch: inputs are padded with <|assistant_end|>, and targets are -1 at the pads and wherever
 bpe's render_conversation mask is 0 (<|bos|>, user turns, <|assistant_start|>, tool outputs), so
-the loss is the mean over what the assistant writes. A conversation longer than max_seq_len is cut
-by the renderer at a turn boundary; one left with no assistant token is skipped (and counted), so
-no row, hence no micro-batch, is all-masked, and the loss can't be 0/0.
-The learning rate starts at init_lr_frac of pretraining's and decays linearly to 0.
+the loss is the mean over what the assistant writes (--loss_per=conversation: the mean of each
+row's mean, so a one-letter answer weighs as much as a worked solution). A conversation longer
+than max_seq_len is cut by the renderer at a turn boundary; one left with no assistant token is
+skipped (and counted), so no row, hence no micro-batch, is all-masked, and the loss can't be 0/0.
+The learning rate is init_lr_frac of pretraining's, and decays linearly to 0 over the last
+warmdown_frac of the run (1.0: from the start, as the reference's late-2025 SFT; 2026's: 0.5).
 
 Your own conversations: --data=PATH, a JSONL file with one conversation per line (a list of
 {role, content}, or {"messages": [...]}), added to the mixture (--data_mode=add) or used alone
@@ -59,6 +61,8 @@ embedding_lr = 0.2          # AdamW, token embedding
 unembedding_lr = 0.004      # AdamW, lm_head
 matrix_lr = 0.02            # Muon, transformer matrices
 init_lr_frac = 0.02         # multiplier on the three LRs above
+warmdown_frac = 1.0         # fraction of the run at the end over which the LR decays linearly to 0
+loss_per = "token"          # token: every assistant token weighs the same (REFERENCE); conversation: every row does
 # evaluation and checkpoints
 eval_every = 100            # steps between val bpb evals (assistant tokens of SmolTalk test); -1 = never (always at the last step)
 eval_steps = 100            # val micro-batches per eval
@@ -133,21 +137,29 @@ def sft_batches(dataset, tok, B, max_seq_len, rank=0, world=1, device="cpu", sta
         yield x.to(device), y.to(device), state
 
 
-def masked_loss(model, x, y):
-    """Mean cross-entropy over the targets that are not -1 (the assistant's tokens)."""
+def masked_loss(model, x, y, loss_per="token"):
+    """Cross-entropy over the targets that are not -1 (the assistant's tokens): the mean over those
+    tokens, or (loss_per="conversation") each row's mean, averaged over the rows."""
+    if loss_per == "conversation":
+        return (model(x, y, loss_reduction="none").sum(1) / (y >= 0).sum(1).clamp(min=1)).mean()
     return model(x, y, loss_reduction="sum") / (y >= 0).sum().clamp(min=1)
 
 # ---------------------------------------------------------------------------
 # schedules
 
 
-def lr_multiplier(step, num_steps):
-    """Linear decay from 1 to 0 over the run (REFERENCE §7 E)."""
-    return 1.0 - step / num_steps
+def lr_multiplier(step, num_steps, warmdown_frac):
+    """1 until the last warmdown_frac of the run, then linear to 0 (REFERENCE §7: E 1.0, H 0.5)."""
+    progress = step / num_steps
+    return min(1.0, (1.0 - progress) / warmdown_frac)
 
 
 if __name__ == "__main__":
     config = gpt.apply_overrides(globals())
+    if loss_per not in ("token", "conversation"):
+        raise SystemExit(f"--loss_per={loss_per}: use token or conversation")
+    if not 0 < warmdown_frac <= 1:
+        raise SystemExit(f"--warmdown_frac={warmdown_frac}: use a fraction in (0, 1] (1.0 decays from the first step)")
 
     # ------------------------------------------------------------------ setup
     own = evaluate.load_own_data(data) if data else None   # a bad line stops the run here, before any work
@@ -259,11 +271,11 @@ if __name__ == "__main__":
         t0 = time.time()
         train_loss = torch.zeros((), device=dev)
         for micro_step in range(grad_accum):
-            loss = masked_loss(model, x, y)
+            loss = masked_loss(model, x, y, loss_per)
             train_loss += loss.detach() / grad_accum
             (loss / grad_accum).backward()
             x, y, loader_state = next(train_loader)   # prefetch while the device works
-        lrm = lr_multiplier(step, num_steps)
+        lrm = lr_multiplier(step, num_steps, warmdown_frac)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
         # a non-finite loss on any rank skips the update on every rank, so the ranks stay identical

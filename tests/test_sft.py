@@ -86,6 +86,22 @@ def test_loss_and_gradient_only_on_assistant_tokens(tok):
     assert torch.isclose(loss, ce[assistant].mean())
 
 
+def test_loss_per_conversation_weighs_every_conversation_the_same(tok):
+    """--loss_per=conversation: the mean of each row's mean, so a one-letter answer counts as much
+    as a long worked one; the default is the mean over all assistant tokens of the batch."""
+    model = tiny_model(tok.vocab_size)
+    letter = [{"role": "user", "content": "Pick one: A or B?"}, {"role": "assistant", "content": "B"}]
+    rows = [sft.render_row(tok, c, 256) for c in (CRAFTED, letter)]
+    x, y = sft.pad_rows(rows, tok.special("<|assistant_end|>"))
+    with torch.no_grad():
+        ce = model(x, y, loss_reduction="none")
+        counts = (y >= 0).sum(1)
+        assert counts[0] > 4 * counts[1]
+        per_row = ce.sum(1) / counts
+        assert torch.isclose(sft.masked_loss(model, x, y, "conversation"), per_row.mean())
+        assert torch.isclose(sft.masked_loss(model, x, y), ce.sum() / counts.sum())
+
+
 def test_overlong_conversation_is_skipped_not_trained_as_nothing(tok):
     """A user turn longer than the row leaves no assistant token: the loader skips it and counts
     it, so every row has targets and the loss stays finite."""
@@ -152,6 +168,11 @@ def chat_scores(home, stage, mirror_env, monkeypatch, problems=64, gsm8k_problem
             probs = model(torch.tensor([prompt]))[0, -1].softmax(-1)
         mass += probs[evaluate.letter_ids(tokenizer, mmlu.letters(mmlu[i]))].sum().item() / problems
     return dict(scores, letter_mass=mass)
+
+
+def test_lr_holds_then_decays_over_the_warmdown():
+    assert [sft.lr_multiplier(s, 100, 1.0) for s in (0, 50, 100)] == [1.0, 0.5, 0.0]   # §7 E
+    assert [sft.lr_multiplier(s, 100, 0.5) for s in (0, 50, 75, 100)] == [1.0, 1.0, 0.5, 0.0]   # §7 H
 
 
 def test_chat_model_beats_base_model(mirror, sft_home, monkeypatch):
