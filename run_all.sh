@@ -150,12 +150,14 @@ tiny)
     step midtrain python midtrain.py --device=cpu --num_steps=600 --simple_spelling_rows=300 \
         --spelling_bee_rows=300 --buffer_size=64 --eval_every=200 --eval_tokens=4096 --save_every=200 $(resume_flag mid)
     step eval_mid python evaluate.py --stage=mid --device=cpu --max_new_tokens=96
-    # sft: 400 steps of 32 conversations, with 4 passes over MMLU auxiliary_train as the reference's
-    # later SFT has; a tiny model needs 25x the reference's LR fraction. Multiple choice still stays
-    # near chance at this size: see tests/bench/RESULTS.md for what was tried.
-    step sft python sft.py --device=cpu --num_steps=400 --device_batch_size=32 --examples_per_step=32 \
-        --smoltalk_rows=200 --spelling_rows=100 --mmlu_epochs=4 --init_lr_frac=0.5 --eval_every=100 \
-        --eval_steps=4 --mc_every=200 --mc_problems=100 --save_every=200 $(resume_flag sft)
+    # sft: 800 steps of 32 conversations, with 4 passes over MMLU auxiliary_train as the reference's
+    # later SFT has, at 12x the reference's LR fraction. --loss_per=conversation: with the reference's
+    # per-token mean, a one-letter answer weighs nothing next to a worked solution, and multiple
+    # choice stays at chance at this size (tests/bench/RESULTS.md).
+    step sft python sft.py --device=cpu --num_steps=800 --device_batch_size=32 --examples_per_step=32 \
+        --smoltalk_rows=200 --spelling_rows=100 --mmlu_epochs=4 --init_lr_frac=0.25 --warmdown_frac=0.2 \
+        --loss_per=conversation --eval_every=200 --eval_steps=4 --mc_every=400 --mc_problems=100 \
+        --save_every=200 $(resume_flag sft)
     step eval_sft python evaluate.py --stage=sft --device=cpu --max_new_tokens=96
     # rl: 30 steps of 8 questions x 16 samples (a tiny model is right on few samples, and a group
     # with no right answer teaches nothing); init_lr_frac 0.3 because 0.05 barely moves it

@@ -12,9 +12,11 @@ def card():
     stage = {"config": {}, "step": 1, "steps_logged": 1, "train_time_s": 1.0, "final": {}, "curves": {}}
     stages = {name: copy.deepcopy(stage) for name in ("base", "mid", "sft", "rl")}
     stages["base"]["final"] = {"loss": 0.45}
-    stages["rl"]["curves"]["pass@1"] = [[0, 0.163], [15, 0.213], [30, 0.275]]
-    evals = {"base": {"val_bpb": 0.458, "CORE": 0.445, "GSM8K": 0.0, "MMLU": 0.235},
-             "mid": {"GSM8K": 0.07}, "sft": {"GSM8K": 0.14}, "rl": {"GSM8K": 0.24}}
+    stages["rl"]["curves"]["pass@1"] = [[0, 0.2475], [15, 0.2925], [30, 0.3287]]
+    evals = {"base": {"val_bpb": 0.458, "CORE": 0.445, "GSM8K": 0.0, "ARC-Easy": 0.215, "ARC-Challenge": 0.305,
+                      "MMLU": 0.235},
+             "mid": {"GSM8K": 0.07}, "rl": {"GSM8K": 0.40},
+             "sft": {"GSM8K": 0.35, "ARC-Easy": 0.36, "ARC-Challenge": 0.41, "MMLU": 0.355}}
     return {"stages": stages, "evals": evals}
 
 
@@ -26,7 +28,9 @@ def test_a_card_where_every_stage_helped_passes():
     (lambda c: c["evals"]["mid"].update(GSM8K=0.01), "mid GSM8K over base"),
     (lambda c: c["evals"]["sft"].update(GSM8K=0.03), "sft GSM8K over base"),
     (lambda c: c["stages"]["rl"]["curves"].update({"pass@1": [[0, 0.2], [30, 0.2]]}), "rl held-out pass@1"),
+    (lambda c: c["evals"]["sft"].update(MMLU=0.25, **{"ARC-Easy": 0.25}), "sft multiple choice over base"),
     (lambda c: c["evals"]["base"].pop("GSM8K"), "not measured"),
+    (lambda c: c["evals"]["sft"].pop("MMLU"), "sft multiple choice over base: not measured"),
     (lambda c: c["evals"]["base"].update(CORE=0.01), "base CORE"),
     (lambda c: c["evals"].pop("sft"), "stage sft: no evaluation"),
 ])
