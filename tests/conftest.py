@@ -82,13 +82,17 @@ def base_home(mirror, tmp_path_factory):
 # --- mid and sft models (owned by the midtrain/sft work) ------------------------------------
 # Both stages inherit the base's rows (128 tokens) and, for midtraining, its batch (8 rows, 1,024
 # tokens per step). The mixtures are the real ones at the mirror's sizes, with the spelling tasks
-# cut down so a short run sees every kind of task. sft_home also mixes in a file of our own
+# cut down so a short run sees every kind of task. SFT uses the tiny preset's knobs (run_all.sh):
+# 800 steps of 32 conversations, 4 passes over MMLU auxiliary_train, loss per conversation, LR
+# x0.25: the fewest steps measured to lift multiple choice off chance (300 x 32 and 500 x 16 did
+# not; tests/bench/RESULTS.md); about 170 s. sft_home also mixes in a file of our own
 # conversations (--data, add mode), so the chat model knows its name.
 MID_ARGS = ["--device=cpu", "--num_steps=150", "--simple_spelling_rows=300", "--spelling_bee_rows=300",
             "--buffer_size=64", "--eval_every=-1", "--eval_tokens=4096"]
-SFT_ARGS = ["--device=cpu", "--num_steps=100", "--device_batch_size=8", "--examples_per_step=8",
-            "--smoltalk_rows=200", "--spelling_rows=100", "--init_lr_frac=0.2", "--eval_every=-1",
-            "--eval_steps=4", "--mc_every=-1", "--mc_problems=32"]
+SFT_ARGS = ["--device=cpu", "--num_steps=800", "--device_batch_size=32", "--examples_per_step=32",
+            "--smoltalk_rows=200", "--spelling_rows=100", "--mmlu_epochs=4", "--init_lr_frac=0.25",
+            "--warmdown_frac=0.2", "--loss_per=conversation", "--eval_every=-1", "--eval_steps=4",
+            "--mc_every=-1", "--mc_problems=32"]
 OWN_CONVERSATIONS = [
     [{"role": "user", "content": "What is your name?"}, {"role": "assistant", "content": "I am slimchat."}],
     {"messages": [{"role": "user", "content": "Who made you?"},

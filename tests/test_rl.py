@@ -112,20 +112,19 @@ def learning_run(sft_home, mirror, tmp_path_factory):
 
 def test_rl_raises_reward_and_held_out_pass_at_1(learning_run):
     """The point of the stage: the mean reward on training questions (each step draws new ones)
-    grows by 40% and 2 points from the first to the last 8 steps, and sampled pass@1 on held-out
-    test questions (all 100 of the mirror's) rises by 3 points. Measured with the session's SFT
-    model: reward 0.046 -> 0.085, pass@1 0.030 -> 0.080 (over the first 50 questions only, an
-    earlier SFT model gave +2.2 points: too few to tell the gain from noise).
-    The steps are deterministic, but the margins depend on the SFT model: in trials on another
-    tiny SFT model, other --seed values gave reward x1.9-3.1 but held-out gains of -1 to +6 points."""
+    grows from the first to the last 8 steps, and sampled pass@1 on held-out test questions (all
+    100 of the mirror's) rises. Measured from the fixture's SFT model (GSM8K 6 of 12 greedy):
+    reward 0.337 -> 0.481, pass@1 0.255 -> 0.446; the bars are about half of those gains.
+    The steps are deterministic, but the margins depend on the SFT model: in trials on an earlier,
+    weaker tiny SFT model, other --seed values gave held-out gains of -1 to +6 points."""
     home, train, evals = learning_run
     assert [r["step"] for r in train] == list(range(LEARN_STEPS))
     first = sum(r["reward"] for r in train[:8]) / 8
     last = sum(r["reward"] for r in train[-8:]) / 8
-    assert last >= 1.4 * first and last >= first + 0.02, f"reward {first:.4f} -> {last:.4f}"
+    assert last >= first + 0.07, f"reward {first:.4f} -> {last:.4f}"
     assert [e["step"] for e in evals] == [0, LEARN_STEPS]
     before, after = evals[0]["pass@1"], evals[1]["pass@1"]
-    assert after >= before + 0.03, f"pass@1 {before:.4f} -> {after:.4f}"
+    assert after >= before + 0.08, f"pass@1 {before:.4f} -> {after:.4f}"
     assert all(evals[1][f"pass@{k}"] >= evals[1][f"pass@{k - 1}"] for k in range(2, 9))
 
 

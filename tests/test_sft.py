@@ -177,13 +177,18 @@ def test_lr_holds_then_decays_over_the_warmdown():
 
 def test_chat_model_beats_base_model(mirror, sft_home, monkeypatch):
     """Midtraining then SFT turn the base model into one that answers multiple choice with a
-    letter (the base model almost never does) and solves arithmetic word problems with the
-    calculator (the base model solves none)."""
-    base = chat_scores(sft_home, "base", mirror["env"], monkeypatch)
-    chat = chat_scores(sft_home, "sft", mirror["env"], monkeypatch)
+    letter (the base model almost never does), picks the right letter well above chance on the
+    mirror's MMLU and ARC-Easy test questions (the base model, read through its letter logits,
+    sits at chance), and solves arithmetic word problems with the calculator (the base solves none).
+    Measured: MMLU 0.265 -> 0.475, ARC-Easy 0.285 -> 0.42 (200 each), GSM8K 0 -> 6 of 12."""
+    base = chat_scores(sft_home, "base", mirror["env"], monkeypatch, problems=200)
+    chat = chat_scores(sft_home, "sft", mirror["env"], monkeypatch, problems=200)
     print(f"base {base}\nsft  {chat}")
     assert base["letter_mass"] < 0.1 and chat["letter_mass"] > 0.9, (base, chat)
-    assert chat["GSM8K"] >= base["GSM8K"] + 1 / 12, (base, chat)   # measured: 2 of 12 vs 0
+    for task in ("MMLU", "ARC-Easy"):
+        assert chat[task] >= base[task] + 0.06, (task, base, chat)
+    assert chat["MMLU"] + chat["ARC-Easy"] >= base["MMLU"] + base["ARC-Easy"] + 0.2, (base, chat)
+    assert chat["GSM8K"] >= base["GSM8K"] + 3 / 12, (base, chat)
 
 
 def test_mmlu_epochs_adds_passes_over_auxiliary_train(mirror, base_home, tmp_path, monkeypatch):
@@ -235,24 +240,27 @@ def test_midtrain_killed_then_resumed_matches_uninterrupted(mirror, base_home, m
     assert all(torch.equal(resumed[k], want[k]) for k in want)
 
 
-def test_sft_interrupted_then_resumed_matches_uninterrupted(mirror, mid_home, sft_home, own_data, tmp_path):
+def test_sft_interrupted_then_resumed_matches_uninterrupted(mirror, mid_home, own_data, tmp_path):
     """Ctrl-C (SIGINT) saves a checkpoint at the current step and exits cleanly; --resume=1 then
-    ends with exactly the weights of the uninterrupted run (sft_home)."""
+    ends with exactly the weights of an uninterrupted run."""
+    args = ["sft.py", *SFT_ARGS, "--num_steps=60", "--device_batch_size=8", "--examples_per_step=8",
+            f"--data={own_data}"]
+    whole = copy_home(mid_home, tmp_path / "whole")
+    run_script(args, dict(mirror["env"], SLIMCHAT_HOME=whole))
     home = copy_home(mid_home, tmp_path / "home")
     env = dict(mirror["env"], SLIMCHAT_HOME=home)
-    args = ["sft.py", *SFT_ARGS, f"--data={own_data}"]
-    code, out = run_until(args, env, "step 00030/", signal.SIGINT)
+    code, out = run_until(args, env, "step 00020/", signal.SIGINT)
     assert code == 0, out
     stopped_at, _ = latest_weights(home, "sft")
-    assert 30 <= stopped_at < 100, out
+    assert 20 <= stopped_at < 60, out
     run_script([*args, "--resume=1"], env)
     step, resumed = latest_weights(home, "sft")
-    want_step, want = latest_weights(sft_home, "sft")
-    assert step == want_step == 100
+    want_step, want = latest_weights(whole, "sft")
+    assert step == want_step == 60
     assert all(torch.equal(resumed[k], want[k]) for k in want)
     with open(os.path.join(home, "logs", "sft.jsonl")) as f:
         steps = [r["step"] for r in map(json.loads, f) if "loss" in r]
-    assert steps == list(range(1, 101))   # the resumed run appended the rest of the log, no step twice
+    assert steps == list(range(1, 61))   # the resumed run appended the rest of the log, no step twice
 
 
 def test_bad_jsonl_line_is_reported_by_number(mirror, mid_home, tmp_path):
