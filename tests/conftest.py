@@ -85,8 +85,8 @@ def base_home(mirror, tmp_path_factory):
 # cut down so a short run sees every kind of task. SFT uses the tiny preset's knobs (run_all.sh):
 # 800 steps of 32 conversations, 4 passes over MMLU auxiliary_train, loss per conversation, LR
 # x0.25: the fewest steps measured to lift multiple choice off chance (300 x 32 and 500 x 16 did
-# not; tests/bench/RESULTS.md); about 170 s. sft_home also mixes in a file of our own
-# conversations (--data, add mode), so the chat model knows its name.
+# not; tests/bench/RESULTS.md). sft_home also mixes in a file of our own conversations (--data,
+# add mode), so the chat model knows its name.
 MID_ARGS = ["--device=cpu", "--num_steps=150", "--simple_spelling_rows=300", "--spelling_bee_rows=300",
             "--buffer_size=64", "--eval_every=-1", "--eval_tokens=4096"]
 SFT_ARGS = ["--device=cpu", "--num_steps=800", "--device_batch_size=32", "--examples_per_step=32",
@@ -122,5 +122,7 @@ def sft_home(mirror, mid_home, own_data, tmp_path_factory):
     """mid_home plus checkpoints/sft/d2/ (SFT_ARGS with --data=own_data) and logs/sft.jsonl.
     Read-only: copy_home it."""
     home = copy_home(mid_home, tmp_path_factory.mktemp("sft") / "home")
-    run_script(["sft.py", *SFT_ARGS, f"--data={own_data}"], dict(mirror["env"], SLIMCHAT_HOME=home))
+    # the longest fixture, and nothing else runs beside it: both cores (100 s instead of 170)
+    env = dict(mirror["env"], SLIMCHAT_HOME=home, OMP_NUM_THREADS="2")
+    run_script(["sft.py", *SFT_ARGS, f"--data={own_data}"], env)
     return home
