@@ -159,7 +159,8 @@ if __name__ == "__main__":
     if loss_per not in ("token", "conversation"):
         raise SystemExit(f"--loss_per={loss_per}: use token or conversation")
     if not 0 < warmdown_frac <= 1:
-        raise SystemExit(f"--warmdown_frac={warmdown_frac}: use a fraction in (0, 1] (1.0 decays from the first step)")
+        raise SystemExit(f"--warmdown_frac={warmdown_frac}: use a fraction in (0, 1] "
+                         "(1.0 decays from the first step)")
 
     # ------------------------------------------------------------------ setup
     own = evaluate.load_own_data(data) if data else None   # a bad line stops the run here, before any work
