@@ -133,7 +133,9 @@ class Attention(nn.Module):
             k, v = kv_cache.insert(layer, k, v)                    # (B, Hkv, Tk, D), prefix included
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_head != self.n_kv_head
-        if Tq == Tk:      # training or prefill: plain causal
+        if isinstance(kv_cache, RowCache):   # rows of different lengths: each sees its own prefix
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask, enable_gqa=gqa)
+        elif Tq == Tk:    # training or prefill: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif Tq == 1:     # one new token attends to everything cached
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
@@ -215,13 +217,18 @@ class GPT(nn.Module):
         """
         idx (B, T) token ids. Returns fp32 logits (B, T, V), or with targets (B, T) the
         cross-entropy (ignore_index -1): a scalar for "mean"/"sum", a (B, T) tensor for "none".
-        With a kv_cache, idx continues the cached sequence at position kv_cache.pos.
+        With a kv_cache, idx continues the cached sequence at position kv_cache.pos (with a
+        RowCache, each row at its own length).
         """
         B, T = idx.shape
-        t0 = 0 if kv_cache is None else kv_cache.pos
-        assert t0 + T <= self.cos.size(1), f"position {t0 + T} beyond the rotary table ({self.cos.size(1)})"
-        cos = self.cos[:, t0:t0 + T].to(self.compute_dtype)
-        sin = self.sin[:, t0:t0 + T].to(self.compute_dtype)
+        if isinstance(kv_cache, RowCache):   # every row continues at its own length
+            at = kv_cache.start(T)                                 # (B, T) positions
+            cos, sin = self.cos[0, at], self.sin[0, at]            # (B, T, 1, D/2)
+        else:
+            t0 = 0 if kv_cache is None else kv_cache.pos
+            assert t0 + T <= self.cos.size(1), f"position {t0 + T} beyond the rotary table ({self.cos.size(1)})"
+            cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        cos, sin = cos.to(self.compute_dtype), sin.to(self.compute_dtype)
         x = norm(self.wte(idx).to(self.compute_dtype))          # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, layer, kv_cache)
@@ -490,15 +497,81 @@ class KVCache:
         self.pos = n
 
 
-def sample_next_token(logits, rng, temperature, top_k):
-    """logits (B, V) -> ids (B, 1): argmax at temperature 0, else top-k (optional) then softmax(logits/T)."""
+class RowCache:
+    """
+    The server's KV cache: up to `max_rows` independent sequences, each with its own length,
+    so conversations can join and leave a batch that keeps decoding. The active rows are kept
+    packed at the front (rows 0..n-1): add() fills row n from a prefilled batch-1 KVCache,
+    remove() moves the last row into the hole. A forward pass on n rows appends T tokens to
+    each at its own position; the mask hides from each row what lies past its own length.
+    """
+
+    def __init__(self, max_rows, num_kv_heads, seq_len, head_dim, num_layers, device, dtype):
+        shape = (num_layers, max_rows, num_kv_heads, seq_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = []          # filled positions of each active row (host ints: no GPU sync to read)
+        self.at, self.mask = None, None
+
+    @classmethod
+    def for_model(cls, model, max_rows, seq_len):
+        c = model.config
+        return cls(max_rows, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer,
+                   model.wte.weight.device, model.compute_dtype)
+
+    def add(self, prefilled):
+        """Copy a filled batch-1 KVCache into the next free row."""
+        row, n = len(self.lengths), prefilled.pos
+        assert row < self.k.size(1) and n <= self.k.size(3), f"no room: row {row}, {n} positions"
+        self.k[:, row, :, :n] = prefilled.k[:, 0, :, :n]
+        self.v[:, row, :, :n] = prefilled.v[:, 0, :, :n]
+        self.lengths.append(n)
+
+    def remove(self, row):
+        """Free `row`: the last row moves into it, so the active rows stay packed."""
+        last = len(self.lengths) - 1
+        if row != last:
+            n = self.lengths[last]
+            self.k[:, row, :, :n] = self.k[:, last, :, :n]
+            self.v[:, row, :, :n] = self.v[:, last, :, :n]
+            self.lengths[row] = n
+        self.lengths.pop()
+
+    def start(self, T):
+        """Before a forward of T tokens per active row: -> their positions (B, T); sets the mask."""
+        device = self.k.device
+        assert max(self.lengths) + T <= self.k.size(3), f"KV cache full: {max(self.lengths) + T} > {self.k.size(3)}"
+        self.at = torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)
+        keys = torch.arange(max(self.lengths) + T, device=device)
+        self.mask = keys[None, None, None, :] <= self.at[:, None, :, None]    # (B, 1, T, Tk)
+        return self.at
+
+    def insert(self, layer, k, v):
+        """Store k, v (B, Hkv, T, D) at each row's positions; return keys, values up to the longest row."""
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        self.k[layer][rows, :, self.at] = k.transpose(1, 2)      # indexed view is (B, T, Hkv, D)
+        self.v[layer][rows, :, self.at] = v.transpose(1, 2)
+        if layer == self.k.size(0) - 1:
+            self.lengths = [n + k.size(2) for n in self.lengths]
+        Tk = self.mask.size(-1)
+        return self.k[layer, :k.size(0), :, :Tk], self.v[layer, :k.size(0), :, :Tk]
+
+
+def sample_next_token(logits, rng, temperature, top_k, top_p=None):
+    """
+    logits (B, V) -> ids (B, 1): argmax at temperature 0; else softmax(logits/T) over the top-k
+    (optional), cut to the smallest set of most likely tokens whose mass reaches top_p (optional).
+    """
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
-    if top_k is not None:
-        vals, idx = logits.topk(min(top_k, logits.size(-1)), dim=-1)
-        choice = torch.multinomial(F.softmax(vals / temperature, dim=-1), 1, generator=rng)
-        return idx.gather(1, choice)
-    return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+    vals, idx = logits.topk(min(top_k, logits.size(-1)), dim=-1) if top_k is not None else (logits, None)
+    probs = F.softmax(vals / temperature, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        if idx is None:
+            probs, idx = probs.sort(dim=-1, descending=True)
+        probs = probs * (probs.cumsum(dim=-1) - probs < top_p)   # keep a token if the mass before it is short of top_p
+    choice = torch.multinomial(probs, 1, generator=rng)
+    return choice if idx is None else idx.gather(1, choice)
 
 
 CALC_MAX_CHARS = 1000       # longer tool calls are refused outright
@@ -576,7 +649,7 @@ class Engine:
         self.stop_ids = {sp("<|assistant_end|>"), sp("<|bos|>")}
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
+    def generate(self, tokens, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42, top_p=None):
         """
         Prefill `tokens` once at batch 1, copy the cache to num_samples rows, then decode.
         Yields (token_column, mask_column), one entry per row; mask 1 = sampled, 0 = forced
@@ -594,7 +667,7 @@ class Engine:
         logits = logits[:, -1, :].expand(num_samples, -1)
         rows = [{"forced": deque(), "expr": None, "done": False} for _ in range(num_samples)]
         for step in range(max_tokens):
-            sampled = sample_next_token(logits, rng, temperature, top_k).view(-1).tolist()
+            sampled = sample_next_token(logits, rng, temperature, top_k, top_p).view(-1).tolist()
             column, masks = [], []
             for row, tok in zip(rows, sampled):
                 is_forced = bool(row["forced"])
@@ -640,6 +713,70 @@ class Engine:
             if all(done):
                 break
         return seqs, masks
+
+
+class BatchDecoder:
+    """
+    Continuous batching for the server: independent conversations decoded together, one token
+    per row per step(). A conversation joins with add() (its prompt prefilled alone, then copied
+    into a free row of a RowCache) and leaves when it ends or with remove(). Each row keeps its
+    own sampling settings, random generator (seeded like Engine.generate's, so a row's tokens are
+    the ones it would get alone) and tool-use state. Rows move when others leave, so callers hold
+    a row's dict (the handle add() returns), never its index.
+    """
+
+    def __init__(self, engine, max_rows, seq_len, stop_ids):
+        self.engine, self.stop_ids = engine, set(stop_ids)
+        self.cache = RowCache.for_model(engine.model, max_rows, seq_len)
+        self.rows = []        # handles, in cache-row order
+        self.logits = None    # (rows, V): each row's next-token logits
+
+    @torch.inference_mode()
+    def add(self, tokens, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=42):
+        """Prefill a prompt and give it a row; -> its handle. Its first token comes at the next step()."""
+        assert tokens and max_tokens > 0, "add needs a prompt and room for at least one token"
+        model, device = self.engine.model, self.engine.model.wte.weight.device
+        prefill = KVCache.for_model(model, 1, len(tokens))
+        logits = model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=prefill)[:, -1, :]
+        self.cache.add(prefill)
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        row = {"forced": deque(), "expr": None, "done": False, "left": max_tokens,
+               "rng": torch.Generator(device=device).manual_seed(seed),
+               "temperature": temperature, "top_k": top_k, "top_p": top_p}
+        self.rows.append(row)
+        return row
+
+    @torch.inference_mode()
+    def remove(self, row):
+        """Free a row now (its client left)."""
+        i = self.rows.index(row)
+        self.cache.remove(i)
+        self.logits[i] = self.logits[-1]
+        self.logits = self.logits[:-1]
+        self.rows[i] = self.rows[-1]
+        self.rows.pop()
+
+    @torch.inference_mode()
+    def step(self):
+        """One token for every row -> [(handle, token, ended)]. Ended rows (a stop token, or
+        max_tokens reached) are removed before the survivors' tokens go through the model."""
+        if not self.rows:
+            return []
+        picks = [sample_next_token(self.logits[i:i + 1], row["rng"], row["temperature"], row["top_k"], row["top_p"])
+                 for i, row in enumerate(self.rows)]
+        out = []
+        for row, tok in zip(list(self.rows), torch.cat(picks).view(-1).tolist()):
+            tok = row["forced"].popleft() if row["forced"] else tok   # a forced row still drew: same RNG stream
+            self.engine._tool_step(row, tok)
+            row["token"], row["left"] = tok, row["left"] - 1
+            ended = tok in self.stop_ids or row["left"] == 0
+            out.append((row, tok, ended))
+            if ended:
+                self.remove(row)
+        if self.rows:
+            ids = torch.tensor([row["token"] for row in self.rows], device=self.logits.device)
+            self.logits = self.engine.model(ids.view(-1, 1), kv_cache=self.cache)[:, -1, :]
+        return out
 
 # ---------------------------------------------------------------------------
 # runtime: home, devices, dtypes, torch.distributed, printing, overrides

@@ -232,6 +232,73 @@ def test_tool_use_forces_calculator_output(tokenizer, tool_model):
         assert s[end:end + len(forced)] == forced and m[end:end + len(forced)] == [0] * len(forced)
 
 
+def alone(engine, prompt, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=42):
+    """One row's tokens from Engine.generate, up to and including a stop token."""
+    out = []
+    for column, _ in engine.generate(prompt, 1, max_tokens, temperature, top_k, seed, top_p):
+        out.append(column[0])
+        if column[0] in engine.stop_ids:
+            break
+    return out
+
+
+def test_batch_decoder_rows_match_decoding_alone(tokenizer):
+    """The server's continuous batching (rows of different lengths, joining and leaving while
+    others decode) gives every row exactly the tokens it gets decoded alone: greedy, seeded top-k
+    and seeded top-p rows, a prompt of one token and a long one, a row that ends early."""
+    model = engine_model(tokenizer)
+    engine = gpt.Engine(model, tokenizer)
+    jobs = [(tokenizer.encode("the answer is"), 24, dict(temperature=0.0)),
+            (tokenizer.encode("12*4=48; 'strawberry'.count('r') gives"), 20, dict(temperature=1.0, top_k=20, seed=5)),
+            ([tokenizer.bos_id], 6, dict(temperature=0.9, top_p=0.8, seed=7)),
+            (tokenizer.encode("and"), 16, dict(temperature=1.2, seed=9))]
+    decoder = gpt.BatchDecoder(engine, 3, 64, engine.stop_ids)
+    got, waiting = {}, list(jobs)
+    for step in range(60):
+        if waiting and len(decoder.rows) < 3 and (step in (0, 3, 4) or step > 8):   # join mid-flight, up to 3 rows
+            prompt, max_tokens, settings = waiting.pop(0)
+            got[id(decoder.add(prompt, max_tokens, **settings))] = (prompt, max_tokens, settings, [])
+        for row, token, ended in decoder.step():
+            got[id(row)][3].append(token)
+    assert not waiting and not decoder.rows and len(got) == 4
+    for prompt, max_tokens, settings, tokens in got.values():
+        assert tokens == alone(engine, prompt, max_tokens, **settings), settings
+    assert len(got[min(got, key=lambda k: got[k][1])][3]) == 6   # the short row left early
+
+
+def test_batch_decoder_remove_and_tool_calls(tokenizer, tool_model):
+    """A row removed mid-reply frees its place at once and the others go on unchanged; the
+    calculator's forced tokens are injected per row, in a batch, as they are alone."""
+    model, seq = tool_model
+    engine = gpt.Engine(model, tokenizer)
+    decoder = gpt.BatchDecoder(engine, 2, 32, engine.stop_ids)
+    leaver = decoder.add(seq[:2], 20, temperature=1.0, seed=1)
+    stayer = decoder.add(seq[:2], 20, temperature=0.0)
+    tokens = []
+    for step in range(20):
+        if step == 2:
+            decoder.remove(leaver)
+            assert decoder.rows == [stayer] and len(decoder.cache.lengths) == 1
+        for row, token, ended in decoder.step():
+            assert row is not leaver or step < 2
+            if row is stayer:
+                tokens.append(token)
+        if not decoder.rows:
+            break
+    assert tokens == alone(engine, seq[:2], 20, temperature=0.0)
+    forced = [tokenizer.special("<|output_start|>")] + tokenizer.encode("5") + [tokenizer.special("<|output_end|>")]
+    assert forced == tokens[tokens.index(tokenizer.special("<|python_end|>")) + 1:][:len(forced)]
+
+
+def test_top_p_keeps_the_smallest_likely_set():
+    """top_p=0.5 over probabilities (0.4, 0.3, 0.2, 0.1) may pick only the first two tokens."""
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log().repeat(2000, 1)
+    picks = gpt.sample_next_token(logits, torch.Generator().manual_seed(0), 1.0, None, 0.5).view(-1)
+    assert set(picks.tolist()) == {0, 1}
+    picks = gpt.sample_next_token(logits, torch.Generator().manual_seed(0), 1.0, 3, 0.75).view(-1)
+    assert set(picks.tolist()) == {0, 1, 2}
+
+
 CALC_GOOD = [("2+3", "5"), ("10/4", "2.5"), ("7//2", "3"), ("7%3", "1"), ("2**10", "1024"),
              ("-(3+4)*2", "-14"), ("1,000*3", "3000"), ("3.5*2", "7.0"), ("2**-1", "0.5"),
              ("'strawberry'.count('r')", "3"), ("'a,b,c'.count(',')", "2"), (" 12 * (3 + 1) ", "48"),
