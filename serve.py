@@ -11,11 +11,15 @@ Endpoints (REFERENCE.md §11, plus the OpenAI-shaped ones):
   POST /chat/completions     SSE: data: {"token": "...", "type": "text", "gpu": 0} ... data: {"done": true, ...}
                              "type" is text | python | python_output, so the page can show tool calls;
                              "gpu" is the worker's index (the reference's name; a CPU replica has one too)
-  POST /v1/chat/completions  OpenAI Chat Completions: stream and non-stream, usage, finish_reason
-  GET  /v1/models, /health, /stats
-Concurrency: a pool of workers, each one model replica on one device (one per GPU; on CPU,
---num_workers replicas). A request holds one worker for its whole reply, so no two threads
-ever drive one model; a client that disconnects frees its worker at the next token.
+  POST /v1/chat/completions  OpenAI Chat Completions: stream and non-stream, usage, finish_reason,
+                             n choices, stop strings, top_p; fields we can't honour get a 400
+  GET  /v1/models, /v1/models/{id}, /health, /stats;  OPTIONS (CORS preflight, see --cors_origins)
+Concurrency: workers, each one model replica on one device (one per GPU; on CPU, --num_workers
+replicas) with one thread that alone drives its model. Each worker decodes every reply it holds
+together, one row per reply in a batched KV-cache step (continuous batching: a new request joins
+at the next step after its prefill, a finished one leaves at once, a client that disconnects
+frees its row at the next step). A request goes to the worker with the least work; beyond
+--max_rows rows a worker queues up to --max_queue requests, and only then answers 503.
 
 Run:
   python serve.py                          # latest sft checkpoint, http://127.0.0.1:8000
@@ -25,7 +29,6 @@ Run:
 Options are --name=value for every knob below; `--cli` alone means --cli=1, and `-p TEXT` /
 `--prompt TEXT` mean --cli=1 --prompt=TEXT.
 """
-import contextlib
 import functools
 import json
 import math
@@ -38,7 +41,9 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 import uuid
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -57,6 +62,9 @@ port = 8000                # TCP port; 0 = any free port
 temperature = 0.8          # default sampling temperature when a request names none
 top_k = 50                 # default top-k when a request names none; 0 = sample from the full softmax
 max_tokens = 512           # default cap on reply tokens when a request names none
+max_rows = 32              # replies decoded together per worker (KV cache: max_rows x context, allocated at start)
+max_queue = 64             # requests waiting for a row, per worker; one more gets a 503
+cors_origins = ""          # comma-separated origins whose pages may call the API ("*" = any); "" = same origin only
 cli = False                # chat in the terminal instead of serving HTTP
 prompt = ""                # with cli: answer this one prompt and exit; "" = interactive
 # ---------------------------------------------------------------------------
@@ -71,8 +79,16 @@ MAX_TOKENS_RANGE = (1, 4096)
 # 32,000 chars of JSON-escaped text can take 6 bytes each (\uXXXX), plus 500 messages of framing
 MAX_BODY_BYTES = 1 << 20
 SOCKET_TIMEOUT = 30.0      # seconds a client may stall mid-request (or not read our stream) before we drop it
-WORKER_WAIT = 60.0         # seconds a request waits for a free worker before a 503
-ROLES = ("system", "user", "assistant")
+POLL_S = 0.05              # how often a request waiting for tokens checks that its client is still there
+ROLES = ("system", "developer", "user", "assistant")   # OpenAI's newer name for system is developer
+TOP_P_RANGE = (0.0, 1.0)
+N_RANGE = (1, 16)          # choices per request (rows it takes)
+MAX_STOPS = 4              # stop strings per request, as OpenAI allows
+# request fields we read; any other with a value that changes the reply is refused with a 400 naming it
+# (clients send null for fields they don't set, and these neutral values change nothing)
+FIELDS = ("messages", "model", "user", "temperature", "top_k", "top_p", "max_tokens", "max_completion_tokens",
+          "seed", "n", "stop", "stream", "stream_options")
+NEUTRAL = {"logprobs": False, "frequency_penalty": 0, "presence_penalty": 0}
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
                  ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
@@ -177,7 +193,7 @@ def check_messages(messages):
         if chars > MAX_MESSAGE_CHARS:
             raise ApiError(400, f"messages[{k}] is {chars} characters (the limit is {MAX_MESSAGE_CHARS})")
         total += chars
-        clean.append({"role": m["role"], "content": content})
+        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     if total > MAX_TOTAL_CHARS:
         raise ApiError(400, f"the conversation is {total} characters (the limit is {MAX_TOTAL_CHARS})")
     check_order(clean)
@@ -197,17 +213,24 @@ def check_order(messages):
 
 
 def check_request(body, defaults):
-    """Validated chat request -> dict(messages, temperature, top_k, max_tokens, seed, stream, include_usage).
-    Fields not named here (model, user, stop, ...) are ignored, as OpenAI clients send many."""
+    """Validated chat request -> dict(messages, temperature, top_k, top_p, max_tokens, seed, n, stop,
+    stream, include_usage). model and user are ignored; a field we can't honour is a 400."""
+    for name, value in body.items():
+        if name not in FIELDS and value is not None and not (name in NEUTRAL and value == NEUTRAL[name]):
+            raise ApiError(400, f"'{name}' is not supported by this server; leave it out "
+                                f"(supported: {', '.join(FIELDS[1:])})")
     out = {"messages": check_messages(body.get("messages"))}
     out["temperature"] = _number(body, "temperature", *TEMPERATURE_RANGE, defaults["temperature"], False)
     out["top_k"] = _number(body, "top_k", *TOP_K_RANGE, defaults["top_k"], True)
+    out["top_p"] = _number(body, "top_p", *TOP_P_RANGE, None, False)
+    if out["top_p"] == 0:
+        raise ApiError(400, "'top_p' must be above 0 (use temperature 0 for the single likeliest token)")
     limit = body.get("max_completion_tokens", None)  # OpenAI's newer name for max_tokens
     name = "max_tokens" if limit is None else "max_completion_tokens"
     out["max_tokens"] = _number(body, name, *MAX_TOKENS_RANGE, defaults["max_tokens"], True)
     out["seed"] = _number(body, "seed", 0, 2 ** 63 - 1, None, True)
-    if body.get("n", 1) != 1 or type(body.get("n", 1)) is bool:
-        raise ApiError(400, "'n' must be 1: one reply per request")
+    out["n"] = _number(body, "n", *N_RANGE, 1, True)
+    out["stop"] = check_stop(body.get("stop"))
     out["stream"] = False if body.get("stream") is None else body["stream"]
     if not isinstance(out["stream"], bool):
         raise ApiError(400, "'stream' must be true or false")
@@ -216,6 +239,15 @@ def check_request(body, defaults):
         raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}")
     out["include_usage"] = options.get("include_usage", False)
     return out
+
+
+def check_stop(stop):
+    """OpenAI's stop: null, a string, or a list of up to MAX_STOPS non-empty strings -> list."""
+    stops = [stop] if isinstance(stop, str) else [] if stop is None else stop
+    if (not isinstance(stops, list) or len(stops) > MAX_STOPS
+            or not all(isinstance(t, str) and t for t in stops)):
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them")
+    return [_utf8_text(t, "'stop'") for t in stops]
 
 # ---------------------------------------------------------------------------
 # prompt: render with the tokenizer's chat format, trimming the oldest turns to fit the context
@@ -250,25 +282,35 @@ def fit_context(tokenizer, messages, context_len, max_new):
     return ids, min(max_new, context_len - len(ids)), 2 * lo
 
 # ---------------------------------------------------------------------------
-# generation: token ids -> typed text pieces, on a worker held by exactly one thread
+# generation: a worker thread per replica decodes the batch; request threads turn ids into text
+
+
+def _partial_stop(text, stops):
+    """How many characters at the end of `text` could be the start of a stop string."""
+    return max((k for t in stops for k in range(min(len(t) - 1, len(text)), 0, -1) if text.endswith(t[:k])),
+               default=0)
 
 
 class Reply:
     """
     Turns the generated ids of one reply into text pieces of a kind (text, python,
     python_output), emitted only at UTF-8 character boundaries, and records the reply's parts,
-    token count and finish reason ("stop" at a turn-ending special, "length" at the token cap).
+    token count and finish reason ("stop" at a turn-ending special or a stop string, "length" at
+    the token cap). Visible text (not the python calls) that could be the start of a stop string
+    is held back until it can't; a stop string is matched within one kind of piece.
     """
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, stop_texts=()):
+        self.tokenizer, self.stop_texts = tokenizer, list(stop_texts)
         self.stops = {tokenizer.special(name) for name in STOP_TOKENS}
         self.switch = {tokenizer.special(name): kind for name, kind in PART_SWITCH.items()}
-        self.kind, self.decoder = "text", tokenizer.stream_decoder()
+        self.kind, self.decoder, self.held = "text", tokenizer.stream_decoder(), ""
         self.parts, self.num_tokens, self.finish_reason = [], 0, None
 
     def push(self, token):
         """One generated id -> list of (kind, text) pieces that are now complete."""
+        if self.finish_reason:   # ended by a stop string: what the model says next is not shown
+            return []
         self.num_tokens += 1
         if token in self.stops:
             self.finish_reason = "stop"
@@ -280,13 +322,25 @@ class Reply:
         return self._add(self.decoder.push(token))
 
     def close(self, max_new):
-        """End of generation: the last pieces, and the finish reason if no stop token came."""
+        """End of generation: the last pieces, and the finish reason if no stop came."""
+        if self.finish_reason:
+            return []
         pieces = self._flush()
-        if self.finish_reason is None:
-            self.finish_reason = "length" if self.num_tokens >= max_new else "stop"
+        self.finish_reason = "length" if self.num_tokens >= max_new else "stop"
         return pieces
 
     def _add(self, text):
+        if self.stop_texts and self.kind != "python":
+            text, self.held = self.held + text, ""
+            hits = [text.find(t) for t in self.stop_texts if t in text]
+            if hits:
+                text, self.finish_reason = text[:min(hits)], "stop"
+            else:
+                keep = _partial_stop(text, self.stop_texts)
+                text, self.held = text[:len(text) - keep], text[len(text) - keep:]
+        return self._append(text)
+
+    def _append(self, text):
         if not text:
             return []
         if self.parts and self.parts[-1]["type"] == self.kind:
@@ -298,7 +352,8 @@ class Reply:
     def _flush(self):
         pieces = self._add(self.decoder.flush())
         self.decoder = self.tokenizer.stream_decoder()
-        return pieces
+        held, self.held = self.held, ""
+        return pieces + self._append(held)
 
     def visible_text(self):
         """What a plain-text client shows: the text and the tool results, not the tool calls."""
@@ -311,63 +366,146 @@ class Reply:
         return {"role": "assistant", "content": [dict(p) for p in self.parts]}
 
 
-class Worker:
-    """One model replica on one device. Only the thread that took it from the pool may use it."""
+class Job:
+    """One reply for a worker to decode. Its tokens go to `out` as (index, token), then (index,
+    None) when it ends, or (index, exception) if decoding failed."""
 
-    def __init__(self, index, engine, device):
-        self.index, self.engine, self.device = index, engine, device
-        self.in_use = threading.Lock()   # held while generating: asserts the one-thread rule
-        self.requests, self.tokens = 0, 0
+    def __init__(self, ids, max_new, settings, seed, index, out):
+        self.ids, self.max_new, self.settings, self.seed, self.index, self.out = ids, max_new, settings, seed, index, out
+        self.cancelled = False   # set by the request's thread: its client left, or a stop string ended it
+
+
+class Worker:
+    """
+    One model replica on one device, with one thread that alone drives it: jobs wait in
+    `inbox`, take a row of the worker's BatchDecoder between two steps (after their prefill),
+    and give it up when they end or are cancelled.
+    """
+
+    def __init__(self, index, engine, device, rows, queued):
+        self.index, self.engine, self.device, self.max_rows = index, engine, device, rows
+        self.capacity = rows + queued                  # jobs in flight (decoding or waiting) it accepts
+        self.stop_ids = [engine.tokenizer.special(name) for name in STOP_TOKENS]
+        self.decoder = self.new_decoder()
+        self.inbox = queue.Queue()
+        self.lock = threading.Lock()                   # guards in_flight
+        self.in_flight, self.submitted, self.requests, self.tokens = 0, 0, 0, 0
+        threading.Thread(target=self.run, name=f"worker-{index}", daemon=True).start()
+
+    def new_decoder(self):
+        return gpt.BatchDecoder(self.engine, self.max_rows, self.engine.model.config.sequence_len, self.stop_ids)
+
+    def run(self):
+        jobs = {}   # id(row handle) -> Job
+        while True:
+            try:
+                self.admit(jobs)
+                for row in [r for r in self.decoder.rows if jobs[id(r)].cancelled]:
+                    self.decoder.remove(row)
+                    self.finish(jobs.pop(id(row)), None)
+                for row, token, ended in self.decoder.step():
+                    job = jobs[id(row)]
+                    job.out.put((job.index, token))
+                    self.tokens += 1
+                    if ended:
+                        self.finish(jobs.pop(id(row)), None)
+            # thread boundary: a failed step (a bug, out of memory) fails the replies in the batch, not the server
+            except Exception as e:
+                traceback.print_exc()
+                self.decoder = None      # drop the old KV cache before allocating the new one
+                self.decoder = self.new_decoder()
+                for job in jobs.values():
+                    self.finish(job, e)
+                jobs.clear()
+
+    def admit(self, jobs):
+        """Give waiting jobs the free rows; with nothing to decode, sleep here until a job comes."""
+        while len(self.decoder.rows) < self.max_rows:
+            try:
+                job = self.inbox.get(block=not self.decoder.rows)
+            except queue.Empty:
+                return
+            if job.cancelled:
+                self.finish(job, None)
+                continue
+            s = job.settings
+            row = self.decoder.add(job.ids, job.max_new, float(s["temperature"]), s["top_k"], s["top_p"], job.seed)
+            jobs[id(row)] = job
+
+    def finish(self, job, error):
+        with self.lock:
+            self.in_flight -= 1
+        self.requests += error is None
+        job.out.put((job.index, error))
 
 
 class Pool:
-    """Free workers in a queue; `hold` lends one to a request and always gives it back."""
+    """The workers. A request's jobs all go to one worker (n choices decode side by side): the one
+    with the least in flight, ties to the one given the fewest, so load spreads over the GPUs."""
 
     def __init__(self, workers):
         self.workers = workers
-        self.free = queue.Queue()
-        for w in workers:
-            self.free.put(w)
 
     def available(self):
-        return self.free.qsize()
+        """Workers with nothing to do."""
+        return sum(w.in_flight == 0 for w in self.workers)
 
-    @contextlib.contextmanager
-    def hold(self, timeout):
-        try:
-            worker = self.free.get(timeout=timeout)
-        except queue.Empty:
-            raise ApiError(503, f"all {len(self.workers)} workers are busy; retry in a moment") from None
-        acquired = worker.in_use.acquire(blocking=False)
-        assert acquired, f"worker {worker.index} was handed out twice"
-        try:
-            yield worker
-        finally:
-            worker.in_use.release()
-            self.free.put(worker)
+    def submit(self, jobs):
+        worker = min(self.workers, key=lambda w: (w.in_flight, w.submitted))
+        with worker.lock:
+            if worker.in_flight + len(jobs) > worker.capacity:
+                raise ApiError(503, f"the server is full: {worker.in_flight} replies are being written or "
+                                    f"waiting on each of its {len(self.workers)} worker(s); retry in a moment")
+            worker.in_flight += len(jobs)
+            worker.submitted += 1
+        for job in jobs:
+            worker.inbox.put(job)
+        return worker
 
 
-def generate(worker, tokenizer, ids, max_new, temperature, top_k, seed, emit, stopped):
+class Generation:
     """
-    Run one reply on `worker`: emit(kind, text) for each complete piece; stop as soon as the
-    reply ends or stopped() says the client has gone. Returns the Reply.
+    The replies to one request. Created = submitted to a worker (ApiError 503 when every queue
+    is full), so a stream can still answer with an error status; then read with collect().
     """
-    reply = Reply(tokenizer)
-    tokens = worker.engine.generate(ids, num_samples=1, max_tokens=max_new, temperature=float(temperature),
-                                    top_k=top_k or None, seed=seed)
-    try:
-        for column, _ in tokens:
-            for kind, text in reply.push(column[0]):
-                emit(kind, text)
-            if reply.finish_reason or stopped():
-                break
-    finally:
-        tokens.close()   # frees the KV cache now, not whenever the generator is collected
-    for kind, text in reply.close(max_new):
-        emit(kind, text)
-    worker.requests += 1
-    worker.tokens += reply.num_tokens
-    return reply
+
+    def __init__(self, app, ids, max_new, settings, seed):
+        self.out, self.max_new = queue.Queue(), max_new
+        self.jobs = [Job(ids, max_new, settings, seed + i, i, self.out) for i in range(settings["n"])]
+        self.replies = [Reply(app.tokenizer, settings["stop"]) for _ in self.jobs]
+        self.worker = app.pool.submit(self.jobs)
+
+    def collect(self, emit, stopped):
+        """
+        emit(i, kind, text) for each complete piece of reply i as its tokens arrive; returns the
+        Replies, or None as soon as stopped() says the client has gone (the worker then frees
+        their rows at its next step).
+        """
+        running, error = len(self.jobs), None
+        while running:
+            try:
+                i, token = self.out.get(timeout=POLL_S)
+            except queue.Empty:
+                token = False   # nothing new: only check on the client
+            if token is None or isinstance(token, Exception):
+                running -= 1
+                error = token or error
+                for kind, text in self.replies[i].close(self.max_new):
+                    emit(i, kind, text)
+            elif token is not False:
+                for kind, text in self.replies[i].push(token):
+                    emit(i, kind, text)
+                self.jobs[i].cancelled = self.replies[i].finish_reason is not None
+            if stopped():
+                self.cancel()
+                return None
+        if error is not None:
+            raise error
+        return self.replies
+
+    def cancel(self):
+        for job in self.jobs:
+            job.cancelled = True
 
 
 def peer_closed(sock):
@@ -384,8 +522,9 @@ def peer_closed(sock):
 # the model: load once at startup; a missing artifact leaves the server up with the reason
 
 
-def load_workers(stage_name, step_num, tag_name, device_name, replicas):
-    """-> (tokenizer, [Worker], meta). One replica per GPU (or `replicas`, round-robin); CPU/MPS: `replicas` or 1."""
+def load_workers(stage_name, step_num, tag_name, device_name, replicas, rows, queued):
+    """-> (tokenizer, [Worker], meta). One replica per GPU (or `replicas`, round-robin); CPU/MPS: `replicas` or 1.
+    Each decodes up to `rows` replies together and queues `queued` more."""
     tokenizer = gpt.load_tokenizer()
     _, _, _, _, dev = gpt.compute_init(device_name)
     if dev.type == "cuda":
@@ -399,15 +538,16 @@ def load_workers(stage_name, step_num, tag_name, device_name, replicas):
         model, meta, _ = gpt.load_checkpoint(stage_name, d, step=None if step_num < 0 else step_num,
                                              tag=tag_name or None, tokenizer=tokenizer)
         model.eval()
-        workers.append(Worker(i, gpt.Engine(model, tokenizer), str(d)))
+        workers.append(Worker(i, gpt.Engine(model, tokenizer), str(d), rows, queued))
     return tokenizer, workers, meta
 
 
 class App:
     """What the handlers share: the tokenizer, the worker pool, defaults, counters."""
 
-    def __init__(self, tokenizer, workers, meta, defaults, load_error=None):
+    def __init__(self, tokenizer, workers, meta, defaults, load_error=None, cors_origins=()):
         self.tokenizer, self.pool, self.defaults = tokenizer, Pool(workers), defaults
+        self.cors_origins = set(cors_origins)
         self.load_error = load_error
         self.ready = bool(workers) and load_error is None
         self.context_len = workers[0].engine.model.config.sequence_len if self.ready else 0
@@ -420,6 +560,9 @@ class App:
         self.lock = threading.Lock()
         self.counts = {"requests": 0, "active": 0, "errors": 0, "disconnects": 0}
 
+    def model_card(self):
+        return {"id": self.model_id, "object": "model", "created": int(self.started), "owned_by": "slimchat"}
+
     def count(self, name, delta=1):
         with self.lock:
             self.counts[name] += delta
@@ -428,19 +571,21 @@ class App:
         out = {"status": "ok" if self.ready else "model not loaded", "ready": self.ready,
                "model": self.model_id if self.ready else None, "num_workers": len(self.pool.workers),
                "available_workers": self.pool.available(), "context_len": self.context_len,
-               "defaults": self.defaults}
+               "max_rows": self.pool.workers[0].max_rows if self.ready else 0, "defaults": self.defaults}
         if not self.ready:
             out["error"] = self.load_error
         return out
 
     def stats(self):
-        workers = [{"gpu_id": w.index, "device": w.device, "busy": w.in_use.locked(), "requests": w.requests,
-                    "tokens": w.tokens} for w in self.pool.workers]
+        # rows: replies decoding now; in_flight: those plus the ones waiting for a row
+        workers = [{"gpu_id": w.index, "device": w.device, "busy": w.in_flight > 0, "rows": len(w.decoder.rows),
+                    "in_flight": w.in_flight, "requests": w.requests, "tokens": w.tokens} for w in self.pool.workers]
         available = self.pool.available()
         with self.lock:
             counts = dict(self.counts)
         return {"total_workers": len(workers), "available_workers": available,
-                "busy_workers": len(workers) - available, "workers": workers,
+                "busy_workers": len(workers) - available, "rows": sum(w["rows"] for w in workers),
+                "waiting": sum(w["in_flight"] - w["rows"] for w in workers), "workers": workers,
                 "uptime_s": round(time.time() - self.started, 1), **counts}
 
 # ---------------------------------------------------------------------------
@@ -461,9 +606,13 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/stats":
             self.send_json(200, app.stats())
         elif path == "/v1/models":
-            models = [{"id": app.model_id, "object": "model", "created": int(app.started),
-                       "owned_by": "slimchat"}] if app.ready else []
-            self.send_json(200, {"object": "list", "data": models})
+            self.send_json(200, {"object": "list", "data": [app.model_card()] if app.ready else []})
+        elif path.startswith("/v1/models/"):
+            name = urllib.parse.unquote(path[len("/v1/models/"):])
+            if app.ready and name == app.model_id:
+                self.send_json(200, app.model_card())
+            else:
+                self.send_json(404, error_body(f"no model {name[:80]!r} here; GET /v1/models lists the one served", 404))
         else:
             self.send_static("index.html" if path == "/" else path.lstrip("/"))
 
@@ -484,81 +633,110 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.send_json(500, error_body(f"internal error: {type(e).__name__}: {e}", 500))
 
-    def not_allowed(self):
-        self.close_connection = True
-        self.send_json(405, error_body(f"{self.command} is not supported here; use GET or POST", 405))
+    def do_OPTIONS(self):
+        """A CORS preflight: what a page from an allowed origin may send (end_headers adds the origin)."""
+        self.close_connection = self.headers.get("Content-Length", "0") != "0"   # a body we won't read
+        self.send_response(204)
+        self.send_header("Allow", "GET, POST, OPTIONS")
+        if self.cors_origin():
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers",
+                             self.headers.get("Access-Control-Request-Headers", "Content-Type, Authorization"))
+            self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
-    do_PUT = do_DELETE = do_PATCH = not_allowed
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (an unknown method, a malformed request line) as JSON like
+        ours; an unknown method is 405 Method Not Allowed, not its HTML 501."""
+        if code == 501:
+            code, message = 405, f"{self.command} is not supported here; use GET, POST or OPTIONS"
+        self.close_connection = True
+        self.send_json(code, error_body(message or HTTPStatus(code).phrase, code))
+
+    def cors_origin(self):
+        """The request's Origin when --cors_origins allows it (or "*" for any), else None."""
+        allowed = self.server.app.cors_origins
+        origin = self.headers.get("Origin") if getattr(self, "headers", None) else None
+        return ("*" if "*" in allowed else origin) if origin and ("*" in allowed or origin in allowed) else None
+
+    def end_headers(self):
+        origin = self.cors_origin()
+        if origin:   # on every response, errors and streams included, so the page can read them
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+        super().end_headers()
 
     def chat(self, openai):
         app = self.server.app
         req = check_request(parse_body(self.read_body()), app.defaults)
+        if not openai and req["n"] != 1:
+            raise ApiError(400, "'n' must be 1 here; /v1/chat/completions returns n choices")
         if not app.ready:
             raise ApiError(503, f"model not loaded: {app.load_error}")
         ids, max_new, dropped = fit_context(app.tokenizer, req["messages"], app.context_len, req["max_tokens"])
         seed = req["seed"] if req["seed"] is not None else random.randrange(2 ** 31)
         app.count("requests")
-        with app.pool.hold(WORKER_WAIT) as worker:
-            app.count("active")
-            try:
-                args = (worker, ids, max_new, req, seed, dropped)
-                if not openai:
-                    self.stream_simple(*args)
-                elif req["stream"]:
-                    self.stream_openai(*args)
-                else:
-                    self.complete_openai(*args)
-            finally:
-                app.count("active", -1)
+        gen = Generation(app, ids, max_new, req, seed)
+        app.count("active")
+        try:
+            if not openai:
+                self.stream_simple(gen, len(ids), dropped)
+            elif req["stream"]:
+                self.stream_openai(gen, len(ids), req["include_usage"])
+            else:
+                self.complete_openai(gen, len(ids))
+        finally:
+            gen.cancel()   # a no-op after a whole reply; after a failure, the rows are freed
+            app.count("active", -1)
 
     # --- the three reply shapes --------------------------------------------------------------
-    def stream_simple(self, worker, ids, max_new, req, seed, dropped):
+    def stream_simple(self, gen, prompt_tokens, dropped):
         """The reference's SSE format, with each piece's kind and, at the end, usage."""
-        gpu = worker.index
-        reply = self.run_stream(worker, ids, max_new, req, seed,
-                                lambda kind, text: {"token": text, "type": kind, "gpu": gpu})
-        if reply is not None:
+        gpu = gen.worker.index
+        replies = self.run_stream(gen, lambda i, kind, text: {"token": text, "type": kind, "gpu": gpu})
+        if replies is not None:
+            reply = replies[0]
             self.send_event({"done": True, "finish_reason": reply.finish_reason, "trimmed_messages": dropped,
-                             "usage": usage(len(ids), reply.num_tokens)})
+                             "usage": usage(prompt_tokens, reply.num_tokens)})
 
-    def stream_openai(self, worker, ids, max_new, req, seed, dropped):
-        """chat.completion.chunk events, then [DONE]; the python tool calls are not shown here."""
+    def stream_openai(self, gen, prompt_tokens, include_usage):
+        """chat.completion.chunk events (one choice per chunk), then [DONE]; python tool calls are not shown."""
         head = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": self.server.app.model_id}
 
-        def chunk(delta, finish=None):
-            return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        def chunk(i, delta, finish=None):
+            return {**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish}]}
 
-        def piece(kind, text):
-            return None if kind == "python" else chunk({"content": text})
+        def piece(i, kind, text):
+            return None if kind == "python" else chunk(i, {"content": text})
 
-        reply = self.run_stream(worker, ids, max_new, req, seed, piece,
-                                first=chunk({"role": "assistant", "content": ""}))
-        if reply is None:
+        replies = self.run_stream(gen, piece, [chunk(i, {"role": "assistant", "content": ""})
+                                               for i in range(len(gen.jobs))])
+        if replies is None:
             return
-        self.send_event(chunk({}, reply.finish_reason))
-        if req["include_usage"]:
-            self.send_event({**head, "choices": [], "usage": usage(len(ids), reply.num_tokens)})
+        for i, reply in enumerate(replies):
+            self.send_event(chunk(i, {}, reply.finish_reason))
+        if include_usage:
+            self.send_event({**head, "choices": [], "usage": usage(prompt_tokens, sum(r.num_tokens for r in replies))})
         self.send_sse_line(b"data: [DONE]\n\n")
 
-    def complete_openai(self, worker, ids, max_new, req, seed, dropped):
+    def complete_openai(self, gen, prompt_tokens):
         app = self.server.app
         # nothing is sent until the end, so a departed client is noticed by peeking at its socket
-        gone = functools.partial(peer_closed, self.connection)
-        reply = generate(worker, app.tokenizer, ids, max_new, req["temperature"], req["top_k"], seed,
-                         lambda kind, text: None, gone)
-        if gone():
+        replies = gen.collect(lambda i, kind, text: None, functools.partial(peer_closed, self.connection))
+        if replies is None:
             app.count("disconnects")
             return
         self.send_json(200, {
             "id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion", "created": int(time.time()),
             "model": app.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.visible_text()},
-                         "finish_reason": reply.finish_reason}],
-            "usage": usage(len(ids), reply.num_tokens)})
+            "choices": [{"index": i, "message": {"role": "assistant", "content": r.visible_text()},
+                         "finish_reason": r.finish_reason} for i, r in enumerate(replies)],
+            "usage": usage(prompt_tokens, sum(r.num_tokens for r in replies))})
 
-    def run_stream(self, worker, ids, max_new, req, seed, event, first=None):
-        """Send SSE headers, then one event per piece; returns the Reply, or None if the client left."""
+    def run_stream(self, gen, event, first=()):
+        """Send SSE headers, then one event per piece; returns the Replies, or None if the client left."""
         app = self.server.app
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -569,8 +747,8 @@ class Handler(BaseHTTPRequestHandler):
         state = {"gone": False}
         sock = self.connection
 
-        def emit(kind, text):
-            payload = event(kind, text)
+        def emit(i, kind, text):
+            payload = event(i, kind, text)
             if payload is not None and not state["gone"]:
                 state["gone"] = not self.send_event(payload)
 
@@ -578,20 +756,20 @@ class Handler(BaseHTTPRequestHandler):
             state["gone"] = state["gone"] or peer_closed(sock)
             return state["gone"]
 
-        if first is not None:
-            state["gone"] = not self.send_event(first)
+        for payload in first:
+            state["gone"] = state["gone"] or not self.send_event(payload)
         try:
-            reply = generate(worker, app.tokenizer, ids, max_new, req["temperature"], req["top_k"], seed, emit, stopped)
+            replies = gen.collect(emit, stopped)
         # server boundary: a failure mid-stream can't change the 200 already sent, so it becomes an error event
         except Exception as e:
             traceback.print_exc()
             app.count("errors")
             self.send_event({"error": f"generation failed: {type(e).__name__}: {e}"})
             return None
-        if state["gone"]:
+        if replies is None or state["gone"]:
             app.count("disconnects")
             return None
-        return reply
+        return replies
 
     # --- plumbing ---------------------------------------------------------------------------
     def read_body(self):
@@ -678,12 +856,13 @@ def build_app(config):
     defaults = {"temperature": config["temperature"], "top_k": config["top_k"] or None,
                 "max_tokens": config["max_tokens"]}
     try:
-        tokenizer, workers, meta = load_workers(config["stage"], config["step"], config["tag"],
-                                                config["device"], config["num_workers"])
+        tokenizer, workers, meta = load_workers(config["stage"], config["step"], config["tag"], config["device"],
+                                                config["num_workers"], config["max_rows"], config["max_queue"])
     # startup boundary: serve the page and a 503 rather than die, so the user sees what is missing
     except (OSError, ValueError, AssertionError) as e:
         return App(None, [], None, defaults, load_error=str(e))
-    return App(tokenizer, workers, meta, defaults)
+    origins = [o.strip() for o in config["cors_origins"].split(",") if o.strip()]
+    return App(tokenizer, workers, meta, defaults, cors_origins=origins)
 
 # ---------------------------------------------------------------------------
 # terminal chat
@@ -721,12 +900,13 @@ def terminal_reply(app, messages, config):
     """One streamed reply printed to stdout; returns it as a history message (None if interrupted)."""
     ids, max_new, _ = fit_context(app.tokenizer, messages, app.context_len, config["max_tokens"])
     state = {"kind": "text"}
+    settings = {"temperature": config["temperature"], "top_k": config["top_k"] or None, "top_p": None, "n": 1,
+                "stop": []}
+    gen = Generation(app, ids, max_new, settings, random.randrange(2 ** 31))
     try:
-        with app.pool.hold(WORKER_WAIT) as worker:
-            reply = generate(worker, app.tokenizer, ids, max_new, config["temperature"], config["top_k"],
-                             random.randrange(2 ** 31), lambda kind, text: print_piece(state, kind, text),
-                             lambda: False)
+        reply = gen.collect(lambda i, kind, text: print_piece(state, kind, text), lambda: False)[0]
     except KeyboardInterrupt:   # Ctrl-C stops this reply, not the chat
+        gen.cancel()
         print(" [stopped]")
         return None
     print_piece(state, "text", "")

@@ -214,7 +214,8 @@ def test_model_not_loaded_state(browser, tmp_path, monkeypatch):
     """No checkpoint: the page says so up front, and a message comes back with the reason."""
     monkeypatch.setenv("SLIMCHAT_HOME", str(tmp_path))
     app = serve.build_app({"stage": "sft", "step": -1, "tag": "", "device": "cpu", "num_workers": 1,
-                           "temperature": 0.8, "top_k": 50, "max_tokens": 32})
+                           "temperature": 0.8, "top_k": 50, "max_tokens": 32,
+                           "max_rows": 1, "max_queue": 0, "cors_origins": ""})
     server, port = start_server(app)
     try:
         assert request(port, "GET", "/health")[0] == 503

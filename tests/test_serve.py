@@ -49,7 +49,7 @@ def build_tiny_home(home, workers=2):
     os.environ["SLIMCHAT_HOME"] = home
     gpt.save_checkpoint("sft", 0, model, {"tokenizer": tok.fingerprint()})
     return {"stage": "sft", "step": -1, "tag": "", "device": "cpu", "num_workers": workers,
-            "temperature": 0.8, "top_k": 50, "max_tokens": 32}
+            "temperature": 0.8, "top_k": 50, "max_tokens": 32, "max_rows": 8, "max_queue": 8, "cors_origins": ""}
 
 
 def scripted_app(tokenizer):
@@ -73,7 +73,7 @@ def scripted_app(tokenizer):
             model.wte.weight[token] = 0.0
             model.wte.weight[token, axis] = 10.0
             model.lm_head.weight[successor, axis] = 10.0
-    worker = serve.Worker(0, gpt.Engine(model, tokenizer), "cpu")
+    worker = serve.Worker(0, gpt.Engine(model, tokenizer), "cpu", 4, 4)
     return serve.App(tokenizer, [worker], {"stage": "script", "step": 0},
                      {"temperature": 0.0, "top_k": None, "max_tokens": 64})
 
@@ -256,7 +256,17 @@ BAD = [  # (name, raw body or dict, status, words in the message)
     ("max_completion_tokens zero", chat(max_completion_tokens=0), 400, "'max_completion_tokens'"),
     ("seed negative", chat(seed=-1), 400, "'seed'"),
     ("stream not bool", chat(stream="yes"), 400, "'stream'"),
-    ("n above 1", chat(n=2), 400, "'n'"),
+    ("n zero", chat(n=0), 400, "'n'"),
+    ("top_p zero", chat(top_p=0), 400, "'top_p'"),
+    ("top_p above 1", chat(top_p=1.5), 400, "'top_p'"),
+    ("stop a number", chat(stop=5), 400, "'stop'"),
+    ("stop list too long", chat(stop=["a", "b", "c", "d", "e"]), 400, "'stop'"),
+    ("stop empty", chat(stop=[""]), 400, "'stop'"),
+    ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "'tools' is not supported"),
+    ("response_format", chat(response_format={"type": "json_object"}), 400, "'response_format' is not supported"),
+    ("logprobs", chat(logprobs=True), 400, "'logprobs' is not supported"),
+    ("top_logprobs", chat(top_logprobs=2), 400, "'top_logprobs' is not supported"),
+    ("frequency_penalty", chat(frequency_penalty=0.5), 400, "'frequency_penalty' is not supported"),
     ("bad stream_options", chat(stream_options=[1]), 400, "stream_options"),
 ]
 
@@ -463,7 +473,8 @@ def test_model_not_loaded(tmp_path, monkeypatch):
     """With no tokenizer or checkpoint the server still starts: page 200, health and chat 503."""
     monkeypatch.setenv("SLIMCHAT_HOME", str(tmp_path))
     app = serve.build_app({"stage": "sft", "step": -1, "tag": "", "device": "cpu", "num_workers": 1,
-                           "temperature": 0.8, "top_k": 50, "max_tokens": 32})
+                           "temperature": 0.8, "top_k": 50, "max_tokens": 32, "max_rows": 1, "max_queue": 0,
+                           "cors_origins": ""})
     assert not app.ready and "tokenizer" in app.load_error
     server, port = start_server(app)
     try:
