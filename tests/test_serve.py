@@ -335,7 +335,7 @@ def test_concurrent_clients(served):
 def test_long_reply_does_not_block_others(served):
     """While one client streams a 4000-token reply, another gets its whole answer."""
     port, _, _ = served
-    long_stream = open_stream(port, "/chat/completions", chat("a long one", max_tokens=4096))
+    long_stream, _ = open_stream(port, "/chat/completions", chat("a long one", max_tokens=4096))
     status, text = request(port, "POST", "/chat/completions", chat("a short one", max_tokens=5))
     assert status == 200 and events(text)[-1]["done"]
     assert request(port, "GET", "/stats")[1]["busy_workers"] == 1   # the long reply is still going
@@ -344,7 +344,7 @@ def test_long_reply_does_not_block_others(served):
 
 
 def open_stream(port, path, body):
-    """A raw socket whose streamed reply has started (its first event arrived)."""
+    """(raw socket, bytes read so far) of a streamed reply that has started (its first event arrived)."""
     data = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
@@ -352,7 +352,7 @@ def open_stream(port, path, body):
     while b"data: " not in received:
         received += sock.recv(4096)
     assert received.startswith(b"HTTP/1.1 200")
-    return sock
+    return sock, received[received.index(b"\r\n\r\n") + 4:]
 
 
 @pytest.mark.parametrize("path,body", [
@@ -366,7 +366,7 @@ def test_disconnect_frees_slot(served, path, body):
     before = sum(w.tokens for w in app.pool.workers)
     disconnects = app.counts["disconnects"]
     if body.get("stream", path == "/chat/completions"):
-        sock = open_stream(port, path, body)
+        sock, _ = open_stream(port, path, body)
     else:
         data = json.dumps(body).encode()
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -379,6 +379,57 @@ def test_disconnect_frees_slot(served, path, body):
     assert time.time() - t0 < 2.0
     assert app.counts["disconnects"] == disconnects + 1
     assert sum(w.tokens for w in app.pool.workers) - before < 4000
+
+def stream_text(sock, received, length):
+    """Read a simple-format stream on `sock` until its text reaches `length` characters."""
+    text = ""
+    while len(text) < length:
+        *blocks, received = received.split(b"\n\n")
+        text += "".join(json.loads(b[b.index(b"data: ") + 6:])["token"] for b in blocks if b"data: " in b)
+        received += sock.recv(4096) if len(text) < length else b""
+    return text
+
+
+def test_concurrent_replies_share_one_worker_and_match_alone(served, tmp_path):
+    """Four replies stream at once on one worker (four rows of its batch); each is the reply it
+    gets alone (greedy, seeded, top-p). A fifth waits in the queue; a sixth, with the queue full,
+    gets a 503; the waiting one is served when a row frees."""
+    _, app, _ = served
+    engine = app.pool.workers[0].engine   # the same weights on a second worker: inference only reads them
+    solo = serve.App(app.tokenizer, [serve.Worker(0, engine, "cpu", 4, 1)], {"stage": "sft", "step": 0},
+                     app.defaults)
+    server, port = start_server(solo)
+    try:
+        settings = [dict(temperature=0), dict(seed=1), dict(seed=2, top_p=0.5), dict(seed=3, temperature=1.5)]
+        alone = []
+        for extra in settings:
+            status, text = request(port, "POST", "/chat/completions", chat("hello", max_tokens=30, **extra))
+            alone.append("".join(e["token"] for e in events(text)[:-1]))
+        streams = [open_stream(port, "/chat/completions", chat("hello", max_tokens=4000, **extra))
+                   for extra in settings]
+        assert request(port, "GET", "/stats")[1]["rows"] == 4
+        waiting = threading.Thread(target=lambda: results.append(
+            request(port, "POST", "/chat/completions", chat("queued", max_tokens=3))))
+        results = []
+        waiting.start()
+        deadline = time.time() + 10
+        while request(port, "GET", "/stats")[1]["waiting"] != 1 and time.time() < deadline:
+            time.sleep(0.05)
+        status, body = request(port, "POST", "/v1/chat/completions", chat("one too many"))
+        assert status == 503 and "full" in body["error"]["message"]
+        for (sock, received), want in zip(streams, alone):
+            assert stream_text(sock, received, len(want)).startswith(want)
+        assert not results   # still waiting: every row is taken
+        streams[0][0].close()
+        waiting.join(10)
+        assert results and results[0][0] == 200 and events(results[0][1])[-1]["usage"]["completion_tokens"] == 3
+        for sock, _ in streams[1:]:
+            sock.close()
+        assert wait_idle(port, workers=1)["rows"] == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
 
 # ---------------------------------------------------------------------------
 # prompts, replies, and the model-less server
