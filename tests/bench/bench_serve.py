@@ -1,0 +1,137 @@
+"""
+bench_serve.py: aggregate tokens/s and time to first token of serve.py under 1..32 concurrent
+streams on one replica (a benchmark, not a test).
+
+It builds a throwaway SLIMCHAT_HOME (a small tokenizer and a random model whose head never
+ends a reply, so every stream runs to max_tokens), starts `serve.py --num_workers=1` as a real
+process, and fires N streaming requests at once through POST /chat/completions, N = each of
+--streams. Modes (--modes):
+  batched   this serve.py: every stream is a row of the replica's batched decode step
+  serial    this serve.py with --max_rows=1: one reply at a time per replica, the rest queued
+            (the old one-request-per-replica design, minus its 503 after 60 s of waiting)
+  DIR       another checkout's serve.py (e.g. `git worktree add /tmp/main main`), the old code itself
+
+  python tests/bench/bench_serve.py --device=cpu --streams=1,4,8,16,32 --modes=batched,serial
+"""
+import argparse
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+import torch
+
+import bpe
+import gpt
+
+SENTENCES = ["The cat sat on the mat.", "A dog ran in the park!", "Hello world, how are you today?",
+             "Numbers like 12 and 345 are split.", "Some more words to learn merges from."] * 8
+
+
+def build_home(home, depth, width, seq_len):
+    """A tokenizer and a random sft checkpoint that never emits a special token."""
+    tok = bpe.Tokenizer.train(SENTENCES, vocab_size=400)
+    tok.save(os.path.join(home, "tokenizer", "tokenizer.json"))
+    torch.manual_seed(0)
+    config = gpt.GPTConfig(sequence_len=seq_len, vocab_size=tok.vocab_size, n_layer=depth,
+                           n_head=max(1, width // 128), n_kv_head=max(1, width // 128), n_embd=width)
+    model = gpt.new_model(config, "cpu", torch.float32)
+    # test_serve.py's recipe: init zeroes the blocks' output projections (they still cost their
+    # full matmuls), so the last hidden state is norm(wte[token]) ~ (sqrt(C), 0, ...) and a
+    # negative first weight on the specials' head rows (specials come last) keeps them unlikely
+    with torch.no_grad():
+        model.wte.weight[:, 0] = 100.0
+        model.lm_head.weight.normal_(0.0, 1.0)
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[tok.bos_id:, 0] = -3.0
+    os.environ["SLIMCHAT_HOME"] = home
+    gpt.save_checkpoint("sft", 0, model, {"tokenizer": tok.fingerprint()})
+    return config
+
+
+def start_server(root, home, device, extra):
+    env = {**os.environ, "SLIMCHAT_HOME": home}
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--device={device}", "--port=0", "--num_workers=1", *extra],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if (m := re.search(r"on http://127\.0\.0\.1:(\d+)/", line)):
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()   # drain the log
+            return proc, int(m.group(1))
+    raise SystemExit(f"serve.py in {root} exited ({proc.wait()}) without serving")
+
+
+def one_stream(port, i, max_tokens, out):
+    """One streamed reply: (seconds to the first token event, seconds to the end, completion tokens)."""
+    body = json.dumps({"messages": [{"role": "user", "content": f"stream {i}: tell me a story"}],
+                       "max_tokens": max_tokens, "temperature": 1.0, "seed": i})
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    first, tokens = None, 0
+    for line in resp:
+        if not line.startswith(b"data: "):
+            continue
+        event = json.loads(line[6:])
+        if "token" in event and first is None:
+            first = time.perf_counter() - t0
+        if event.get("done"):
+            tokens = event["usage"]["completion_tokens"]
+        if "error" in event:
+            raise RuntimeError(event["error"])
+    assert resp.status == 200 and tokens, f"stream {i}: HTTP {resp.status}"
+    out[i] = (first, time.perf_counter() - t0, tokens)
+
+
+def measure(port, streams, max_tokens):
+    """N streams at once -> (aggregate tokens/s, mean TTFT, max TTFT)."""
+    out = [None] * streams
+    threads = [threading.Thread(target=one_stream, args=(port, i, max_tokens, out)) for i in range(streams)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    assert all(out), "a stream failed"
+    ttft = [o[0] for o in out]
+    return sum(o[2] for o in out) / wall, sum(ttft) / len(ttft), max(ttft)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--seq_len", type=int, default=512)
+    ap.add_argument("--max_tokens", type=int, default=64, help="reply length of every stream")
+    ap.add_argument("--streams", default="1,4,8,16,32")
+    ap.add_argument("--modes", default="batched,serial")
+    args = ap.parse_args()
+    home = tempfile.mkdtemp(prefix="bench_serve_")
+    config = build_home(home, args.depth, args.width, args.seq_len)
+    print(f"model: {config.n_layer} layers, width {config.n_embd}, context {config.sequence_len}, "
+          f"vocab {config.vocab_size}; {args.max_tokens} tokens per reply; device {args.device}; "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    counts = [int(n) for n in args.streams.split(",")]
+    print(f"| mode | streams | aggregate tok/s | mean TTFT s | max TTFT s |\n|---|---|---|---|---|")
+    for mode in args.modes.split(","):
+        root = ROOT if mode in ("batched", "serial") else mode
+        extra = {"batched": [f"--max_rows={max(counts)}"], "serial": ["--max_rows=1", f"--max_queue={max(counts)}"]}
+        proc, port = start_server(root, home, args.device, extra.get(mode, []))
+        try:
+            measure(port, 1, 4)   # warm-up: first-call allocations and lazy inits
+            for n in counts:
+                rate, mean_ttft, max_ttft = measure(port, n, args.max_tokens)
+                print(f"| {mode} | {n} | {rate:.0f} | {mean_ttft:.2f} | {max_ttft:.2f} |", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait()
