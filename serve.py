@@ -845,6 +845,9 @@ def usage(prompt_tokens, completion_tokens):
 class ChatServer(ThreadingHTTPServer):
     daemon_threads = True   # a stuck client must not keep the process alive at shutdown
     allow_reuse_address = True
+    # socketserver's default backlog of 5 resets (or delays by a 1 s SYN retry) the 6th of many
+    # clients connecting at once; batching serves dozens of streams together, so queue more
+    request_queue_size = 128
 
     def __init__(self, address, app):
         super().__init__(address, Handler)
