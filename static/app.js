@@ -27,7 +27,7 @@ const el = (tag, cls, text) => {
 };
 
 // ---------------------------------------------------------------------------
-// Markdown: a small safe subset (fenced code, headings, lists, quotes, rules, paragraphs;
+// Markdown: a small safe subset (fenced code, headings, lists, quotes, rules, tables, paragraphs;
 // inline code, bold, italic, http(s) links), built as DOM nodes.
 
 const INLINE = /(`[^`\n]+`)|(\*\*[^*\n]+\*\*)|(\*[^*\s][^*\n]*\*)|\[([^\]\n]+)\]\((https?:\/\/[^\s)]+)\)/g;
@@ -64,6 +64,29 @@ function codeBlock(lang, code) {
   const pre = el("pre");
   pre.appendChild(el("code", null, code));
   wrap.append(bar, pre);
+  return wrap;
+}
+
+const TABLE_RULE = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;   // | --- | :-: | --: |
+const cells = (line) => line.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
+
+function table(header, rule, rows) {
+  const align = cells(rule).map((c) => (c.endsWith(":") ? (c.startsWith(":") ? "center" : "right") : ""));
+  const wrap = el("div", "table"), t = el("table"), head = el("thead"), body = el("tbody");
+  const row = (line, tag) => {
+    const tr = el("tr");
+    cells(line).slice(0, align.length).forEach((text, k) => {
+      const cell = el(tag);
+      if (align[k]) cell.style.textAlign = align[k];
+      renderInline(cell, text);
+      tr.appendChild(cell);
+    });
+    return tr;
+  };
+  head.appendChild(row(header, "th"));
+  rows.forEach((line) => body.appendChild(row(line, "td")));
+  t.append(head, body);
+  wrap.appendChild(t);   // the wrapper scrolls sideways on a narrow screen
   return wrap;
 }
 
@@ -109,6 +132,12 @@ function renderMarkdown(parent, text) {
         list.appendChild(li);
       }
       parent.appendChild(list);
+    } else if (line.includes("|") && i + 1 < lines.length && TABLE_RULE.test(lines[i + 1])
+               && lines[i + 1].includes("-") && cells(lines[i + 1]).length === cells(line).length) {
+      flush();
+      const rule = lines[i + 1], rows = [];
+      for (i += 2; i < lines.length && lines[i].includes("|") && lines[i].trim(); i++) rows.push(lines[i]);
+      parent.appendChild(table(line, rule, rows));
     } else if (/^\s*>/.test(line)) {
       flush();
       const quote = el("blockquote");
@@ -177,7 +206,23 @@ function messageNode(msg, index) {
   return node;
 }
 
+const STORE = "slimchat.messages";   // the conversation, kept across reloads until New chat
+
+function save() {
+  try {
+    localStorage.setItem(STORE, JSON.stringify(state.messages));
+  } catch { /* storage full or disabled: the page works without it */ }
+}
+
+function restore() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(STORE) || "[]");
+    if (Array.isArray(saved)) state.messages = saved.map((m) => ({ ...m, streaming: false }));
+  } catch { localStorage.removeItem(STORE); }   // unreadable: start fresh
+}
+
 function render() {
+  if (!state.controller) save();   // a streaming reply is saved once it ends
   const list = $("messages");
   list.replaceChildren(...state.messages.map(messageNode));
   if (!state.messages.length) {
@@ -227,6 +272,7 @@ function setBusy(busy) {
 function payload() {
   const messages = [];
   for (const m of state.messages) {
+    if (m.failed) continue;   // a turn the server never answered in full is not part of the chat
     if (m.role === "user") messages.push({ role: "user", content: m.text });
     else if (m.role === "assistant") {
       const plain = m.parts.every((p) => p.type === "text");
@@ -273,6 +319,7 @@ async function generate() {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body), signal: controller.signal,
     });
+    if ($("status").classList.contains("bad")) checkHealth();   // it answered: it is back
     if (!response.ok) {
       // nothing was generated: take the turn back so the user can retry it
       const reason = await errorText(response);
@@ -284,7 +331,7 @@ async function generate() {
     }
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
-    let buffer = "";
+    let buffer = "", ended = false;
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
@@ -293,13 +340,18 @@ async function generate() {
       while ((cut = buffer.indexOf("\n\n")) >= 0) {
         const line = buffer.slice(0, cut);
         buffer = buffer.slice(cut + 2);
-        if (line.startsWith("data: ")) handleEvent(msg, JSON.parse(line.slice(6)));
+        if (line.startsWith("data: ")) {
+          const data = JSON.parse(line.slice(6));
+          ended ||= Boolean(data.done || data.error);
+          handleEvent(msg, data);
+        }
       }
       renderLast();
     }
+    if (!ended) throw new TypeError("the connection closed before the reply ended");
   } catch (err) {
     if (err.name === "AbortError") msg.note = "(stopped)";
-    else msg.note = "error: " + err.message;
+    else lostServer(msg, err);
   } finally {
     msg.streaming = false;
     if (state.controller === controller) state.controller = null;
@@ -308,30 +360,48 @@ async function generate() {
   }
 }
 
+function lostServer(msg, err) {
+  // the server is unreachable or died mid-reply: say so, and give the typed text back to resend
+  msg.note = `error: lost the server (${err.message}); your message is back in the box`;
+  msg.failed = true;
+  const user = state.messages[state.messages.indexOf(msg) - 1];
+  if (user?.role === "user") {
+    user.failed = true;
+    if (!$("input").value) {
+      $("input").value = user.text;
+      autogrow();
+    }
+  }
+  setStatus("server unreachable", false);
+}
+
 function stop() {
   if (state.controller) state.controller.abort();
 }
 
+function setStatus(text, ok) {
+  const status = $("status");
+  status.textContent = text;
+  status.className = "status " + (ok ? "ok" : "bad");
+}
+
 async function checkHealth() {
-  const status = $("status"), banner = $("banner");
+  const banner = $("banner");
   try {
     const response = await fetch("health");
     const health = await response.json();
     if (health.defaults) Object.assign(state.settings, health.defaults);   // top_k null = no top-k
     if (health.ready) {
-      status.textContent = health.model;
-      status.className = "status ok";
+      setStatus(health.model, true);
       banner.hidden = true;
     } else {
-      status.textContent = "model not loaded";
-      status.className = "status bad";
+      setStatus("model not loaded", false);
       banner.textContent = "Model not loaded: " + (health.error || "unknown reason") +
         ". The page works, but replies will fail until serve.py is restarted with a checkpoint.";
       banner.hidden = false;
     }
   } catch (err) {
-    status.textContent = "server unreachable";
-    status.className = "status bad";
+    setStatus("server unreachable", false);
     banner.textContent = "Cannot reach serve.py: " + err.message;
     banner.hidden = false;
   }
@@ -405,7 +475,8 @@ function newChat() {
 function autogrow() {
   const input = $("input");
   input.style.height = "auto";
-  input.style.height = Math.min(input.scrollHeight, 200) + "px";
+  const border = input.offsetHeight - input.clientHeight;   // the height set includes it (border-box)
+  input.style.height = Math.min(input.scrollHeight + border, 200) + "px";
   input.style.overflowY = input.scrollHeight > 200 ? "auto" : "hidden";   // a scrollbar only once capped
 }
 
@@ -422,6 +493,7 @@ document.addEventListener("DOMContentLoaded", () => {
     if (e.key === "Escape") stop();
     if (e.ctrlKey && e.shiftKey && e.key.toLowerCase() === "n") { e.preventDefault(); newChat(); }
   });
+  restore();
   render();
   autogrow();
   checkHealth();

@@ -59,8 +59,12 @@ def wait(driver, condition, timeout=20):
                          ignored_exceptions=(StaleElementReferenceException,)).until(lambda d: condition())
 
 
-def open_page(driver, url):
+def open_page(driver, url, keep=False):
+    """Load the page, by default with no conversation kept from an earlier test (localStorage)."""
     driver.get(url)
+    if not keep:
+        driver.execute_script("localStorage.clear()")
+        driver.refresh()
     wait(driver, lambda: driver.find_element(By.ID, "status").text not in ("", "connecting…"))
 
 
@@ -230,3 +234,115 @@ def test_model_not_loaded_state(browser, tmp_path, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_conversation_survives_reload_until_new_chat(browser, site):
+    url, _ = site
+    open_page(browser, url)
+    type_and_send(browser, "remember me")
+    text = finished_reply(browser).find_element(By.CSS_SELECTOR, ".body").text
+    open_page(browser, url, keep=True)
+    assert browser.find_element(By.CSS_SELECTOR, ".msg.user .body").text == "remember me"
+    assert finished_reply(browser).find_element(By.CSS_SELECTOR, ".body").text == text
+    browser.find_element(By.ID, "new-chat").click()
+    open_page(browser, url, keep=True)
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg")
+    browser.execute_script("localStorage.setItem('slimchat.messages', '{not json')")
+    open_page(browser, url, keep=True)   # a damaged store is dropped, not fatal
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg") and browser.find_element(By.ID, "input").is_enabled()
+
+
+def test_markdown_tables(browser, site):
+    """A pipe table becomes a <table> with a header row, inline Markdown and column alignment;
+    pipes without a delimiter row stay text."""
+    url, _ = site
+    open_page(browser, url)
+    cells = browser.execute_script("""
+        const div = document.createElement('div');
+        renderMarkdown(div, 'Scores:\\n\\n| name | **score** | note |\\n|:---|---:|:-:|\\n| ann | 3 | `ok` |\\n' +
+                            '| bob | 12 | <b>x</b> |\\n\\nafter | not a table');
+        const t = div.querySelector('table');
+        return [[...t.querySelectorAll('th')].map(c => c.innerHTML),
+                [...t.querySelectorAll('tbody tr')].map(r => [...r.children].map(c => c.innerHTML)),
+                [...t.querySelectorAll('tbody tr:first-child td')].map(c => c.style.textAlign),
+                [...div.querySelectorAll('p')].map(p => p.textContent)];""")
+    head, rows, align, paragraphs = cells
+    assert head == ["name", "<strong>score</strong>", "note"]
+    assert rows == [["ann", "3", "<code>ok</code>"], ["bob", "12", "&lt;b&gt;x&lt;/b&gt;"]]
+    assert align == ["", "right", "center"]
+    assert paragraphs == ["Scores:", "after | not a table"]
+
+
+def contrast_of_buttons(driver):
+    """WCAG contrast ratio of each visible button's text against its (first opaque) background."""
+    return driver.execute_script("""
+        const rgb = (c) => c.match(/[\\d.]+/g).map(Number);
+        const lum = ([r, g, b]) => [r, g, b].map(v => v / 255).map(v => v <= 0.03928 ? v / 12.92
+            : ((v + 0.055) / 1.055) ** 2.4).reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
+        const background = (node) => {
+          for (; node; node = node.parentElement) {
+            const c = rgb(getComputedStyle(node).backgroundColor);
+            if (c.length < 4 || c[3] > 0) return c;
+          }
+          return [255, 255, 255];
+        };
+        $('stop').hidden = false;   // show Stop too
+        const out = {};
+        for (const b of document.querySelectorAll('button')) {
+          const [f, g] = [lum(rgb(getComputedStyle(b).color)), lum(background(b))];
+          out[(b.id || b.className) + ':' + b.textContent.trim()] = (Math.max(f, g) + 0.05) / (Math.min(f, g) + 0.05);
+        }
+        $('stop').hidden = true;
+        return out;""")
+
+
+def test_buttons_reach_contrast_in_both_schemes(browser, site):
+    """Every button's text reaches WCAG AA (4.5:1) against its background, light and dark."""
+    url, _ = site
+    open_page(browser, url)
+    type_and_send(browser, "hi")
+    finished_reply(browser)   # Edit and Regenerate are on screen too
+    try:
+        for scheme in ("light", "dark"):
+            browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                                    {"features": [{"name": "prefers-color-scheme", "value": scheme}]})
+            ratios = contrast_of_buttons(browser)
+            assert len(ratios) >= 5 and min(ratios.values()) >= 4.5, (scheme, ratios)
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+
+
+def test_server_gone_mid_reply_and_unreachable(browser, site, tmp_path):
+    """serve.py killed while a reply streams: the status dot turns red, the reply shows the error,
+    the typed text comes back into the box at full height; sending again to the dead server
+    does the same at once; the failed turns are not sent as history later."""
+    from test_serve import run_server_process
+    home = str(tmp_path / "home")
+    build_tiny_home(home, workers=1)   # its own files: this server gets killed
+    proc, port = run_server_process(home, "--max_tokens=4000")
+    try:
+        open_page(browser, f"http://127.0.0.1:{port}/")
+        typed = "first line\nsecond line\nthird line"
+        browser.execute_script("$('input').value = arguments[0]; autogrow(); send();", typed)
+        wait(browser, lambda: replies(browser)[-1].find_element(By.CSS_SELECTOR, ".body").text.strip("…"))
+        proc.kill()
+        proc.wait()
+        reply = finished_reply(browser)
+        assert "error: lost the server" in reply.find_element(By.CSS_SELECTOR, ".note").text
+        assert reply.find_element(By.CSS_SELECTOR, ".body").text.strip()   # what arrived stays
+        status = browser.find_element(By.ID, "status")
+        assert "bad" in status.get_attribute("class") and status.text == "server unreachable"
+        dot = browser.execute_script("const s = getComputedStyle($('status'), '::before'); return [s.content, s.color]")
+        assert dot == ['"● "', "rgb(180, 35, 24)"]   # the light scheme's --bad
+        box = browser.find_element(By.ID, "input")
+        assert box.get_attribute("value") == typed
+        assert browser.execute_script("const b = $('input'); return b.clientHeight >= b.scrollHeight && "
+                                      "b.clientHeight > 2 * parseFloat(getComputedStyle(b).lineHeight)")
+        box.send_keys("\n")   # resend to the dead server
+        wait(browser, lambda: len(replies(browser)) == 2 and replies(browser)[-1].find_elements(By.CSS_SELECTOR, ".regen"))
+        assert "error: lost the server" in replies(browser)[-1].find_element(By.CSS_SELECTOR, ".note").text
+        assert box.get_attribute("value") == typed
+        assert browser.execute_script("return payload().messages") == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
