@@ -11,7 +11,7 @@ process, and fires N streaming requests at once through POST /chat/completions, 
             (the old one-request-per-replica design, minus its 503 after 60 s of waiting)
   DIR       another checkout's serve.py (e.g. `git worktree add /tmp/main main`), the old code itself
 
-  python tests/bench/bench_serve.py --device=cpu --streams=1,4,8,16,32 --modes=batched,serial
+  python tests/bench/bench_serve.py --device=cpu --streams=1,4,8,16,32 --modes=batched,serial --repeats=3
 """
 import argparse
 import http.client
@@ -69,7 +69,15 @@ def start_server(root, home, device, extra):
 
 
 def one_stream(port, i, max_tokens, out):
-    """One streamed reply: (seconds to the first token event, seconds to the end, completion tokens)."""
+    """One streamed reply: (seconds to the first token event, seconds to the end, completion tokens),
+    or the error that ended it."""
+    try:
+        out[i] = timed_stream(port, i, max_tokens)
+    except (OSError, RuntimeError, AssertionError) as e:   # the old server resets clients past its backlog
+        out[i] = e
+
+
+def timed_stream(port, i, max_tokens):
     body = json.dumps({"messages": [{"role": "user", "content": f"stream {i}: tell me a story"}],
                        "max_tokens": max_tokens, "temperature": 1.0, "seed": i})
     t0 = time.perf_counter()
@@ -88,11 +96,11 @@ def one_stream(port, i, max_tokens, out):
         if "error" in event:
             raise RuntimeError(event["error"])
     assert resp.status == 200 and tokens, f"stream {i}: HTTP {resp.status}"
-    out[i] = (first, time.perf_counter() - t0, tokens)
+    return first, time.perf_counter() - t0, tokens
 
 
 def measure(port, streams, max_tokens):
-    """N streams at once -> (aggregate tokens/s, mean TTFT, max TTFT)."""
+    """N streams at once -> (aggregate tokens/s, mean TTFT, max TTFT), or a line saying how many failed."""
     out = [None] * streams
     threads = [threading.Thread(target=one_stream, args=(port, i, max_tokens, out)) for i in range(streams)]
     t0 = time.perf_counter()
@@ -101,7 +109,9 @@ def measure(port, streams, max_tokens):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    assert all(out), "a stream failed"
+    failed = [o for o in out if isinstance(o, Exception)]
+    if failed:
+        return f"{len(failed)} of {streams} streams failed ({type(failed[0]).__name__}: {failed[0]})"
     ttft = [o[0] for o in out]
     return sum(o[2] for o in out) / wall, sum(ttft) / len(ttft), max(ttft)
 
@@ -115,6 +125,7 @@ if __name__ == "__main__":
     ap.add_argument("--max_tokens", type=int, default=64, help="reply length of every stream")
     ap.add_argument("--streams", default="1,4,8,16,32")
     ap.add_argument("--modes", default="batched,serial")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per point; the fastest is reported")
     args = ap.parse_args()
     home = tempfile.mkdtemp(prefix="bench_serve_")
     config = build_home(home, args.depth, args.width, args.seq_len)
@@ -130,7 +141,14 @@ if __name__ == "__main__":
         try:
             measure(port, 1, 4)   # warm-up: first-call allocations and lazy inits
             for n in counts:
-                rate, mean_ttft, max_ttft = measure(port, n, args.max_tokens)
+                # on a shared machine other jobs slow some runs down: the fastest run is the one
+                # least disturbed (its TTFTs come with it)
+                runs = [measure(port, n, args.max_tokens) for _ in range(args.repeats)]
+                failed = [r for r in runs if isinstance(r, str)]
+                if failed:
+                    print(f"| {mode} | {n} | {failed[0]} | | |", flush=True)
+                    continue
+                rate, mean_ttft, max_ttft = max(runs)
                 print(f"| {mode} | {n} | {rate:.0f} | {mean_ttft:.2f} | {max_ttft:.2f} |", flush=True)
         finally:
             proc.terminate()
