@@ -504,12 +504,14 @@ class RowCache:
     packed at the front (rows 0..n-1): add() fills row n from a prefilled batch-1 KVCache,
     remove() moves the last row into the hole. A forward pass on n rows appends T tokens to
     each at its own position; the mask hides from each row what lies past its own length.
+    Memory follows the load: room for rows doubles as they are needed, up to max_rows.
     """
 
     def __init__(self, max_rows, num_kv_heads, seq_len, head_dim, num_layers, device, dtype):
-        shape = (num_layers, max_rows, num_kv_heads, seq_len, head_dim)
+        shape = (num_layers, 1, num_kv_heads, seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_rows = max_rows
         self.lengths = []          # filled positions of each active row (host ints: no GPU sync to read)
         self.at, self.mask = None, None
 
@@ -522,7 +524,12 @@ class RowCache:
     def add(self, prefilled):
         """Copy a filled batch-1 KVCache into the next free row."""
         row, n = len(self.lengths), prefilled.pos
-        assert row < self.k.size(1) and n <= self.k.size(3), f"no room: row {row}, {n} positions"
+        assert row < self.max_rows and n <= self.k.size(3), f"no room: row {row}, {n} positions"
+        if row == self.k.size(1):
+            grow = list(self.k.shape)
+            grow[1] = min(row, self.max_rows - row)
+            self.k = torch.cat([self.k, self.k.new_zeros(grow)], dim=1)
+            self.v = torch.cat([self.v, self.v.new_zeros(grow)], dim=1)
         self.k[:, row, :, :n] = prefilled.k[:, 0, :, :n]
         self.v[:, row, :, :n] = prefilled.v[:, 0, :, :n]
         self.lengths.append(n)

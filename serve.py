@@ -62,7 +62,7 @@ port = 8000                # TCP port; 0 = any free port
 temperature = 0.8          # default sampling temperature when a request names none
 top_k = 50                 # default top-k when a request names none; 0 = sample from the full softmax
 max_tokens = 512           # default cap on reply tokens when a request names none
-max_rows = 32              # replies decoded together per worker (KV cache: max_rows x context, allocated at start)
+max_rows = 32              # replies decoded together per worker (each row's KV cache holds the full context)
 max_queue = 64             # requests waiting for a row, per worker; one more gets a 503
 cors_origins = ""          # comma-separated origins whose pages may call the API ("*" = any); "" = same origin only
 cli = False                # chat in the terminal instead of serving HTTP
