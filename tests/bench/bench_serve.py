@@ -10,6 +10,8 @@ process, and fires N streaming requests at once through POST /chat/completions, 
   serial    this serve.py with --max_rows=1: one reply at a time per replica, the rest queued
             (the old one-request-per-replica design, minus its 503 after 60 s of waiting)
   DIR       another checkout's serve.py (e.g. `git worktree add /tmp/main main`), the old code itself
+  decoder   no server: gpt.BatchDecoder's steps alone in this process, N rows (the model side
+            of batching, without HTTP, JSON and the clients' threads)
 
   python tests/bench/bench_serve.py --device=cpu --streams=1,4,8,16,32 --modes=batched,serial --repeats=3
 """
@@ -55,6 +57,20 @@ def build_home(home, depth, width, seq_len):
     os.environ["SLIMCHAT_HOME"] = home
     gpt.save_checkpoint("sft", 0, model, {"tokenizer": tok.fingerprint()})
     return config
+
+
+def decoder_rate(rows, max_tokens, device):
+    """Tokens/s of BatchDecoder steps on `rows` rows of the checkpoint in $SLIMCHAT_HOME."""
+    tokenizer = gpt.load_tokenizer()
+    model, _, _ = gpt.load_checkpoint("sft", torch.device(device), tokenizer=tokenizer)
+    engine = gpt.Engine(model, tokenizer)
+    decoder = gpt.BatchDecoder(engine, rows, model.config.sequence_len, engine.stop_ids)
+    for i in range(rows):
+        decoder.add(tokenizer.encode(f"stream {i}: tell me a story"), max_tokens + 2, 1.0, 50, None, i)
+    decoder.step()   # warm-up
+    t0 = time.perf_counter()
+    tokens = sum(len(decoder.step()) for _ in range(max_tokens))
+    return tokens / (time.perf_counter() - t0)
 
 
 def start_server(root, home, device, extra):
@@ -135,6 +151,11 @@ if __name__ == "__main__":
     counts = [int(n) for n in args.streams.split(",")]
     print(f"| mode | streams | aggregate tok/s | mean TTFT s | max TTFT s |\n|---|---|---|---|---|")
     for mode in args.modes.split(","):
+        if mode == "decoder":
+            for n in counts:
+                rate = max(decoder_rate(n, args.max_tokens, args.device) for _ in range(args.repeats))
+                print(f"| decoder | {n} | {rate:.0f} | | |", flush=True)
+            continue
         root = ROOT if mode in ("batched", "serial") else mode
         extra = {"batched": [f"--max_rows={max(counts)}"], "serial": ["--max_rows=1", f"--max_queue={max(counts)}"]}
         proc, port = start_server(root, home, args.device, extra.get(mode, []))
