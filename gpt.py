@@ -14,8 +14,9 @@ The model is the late-2025 nanoGPT-family decoder (REFERENCE.md §3, "E"). Diffe
 - fp32 master weights; matmuls run in a compute dtype (bf16 on GPUs that have it), loss in fp32
 
 Also here (sections in this order): the Muon + AdamW optimizer (one class for one or many
-ranks), inference (KVCache, sampling, the tool-use calculator, Engine), runtime plumbing
-(devices, dtypes, torch.distributed, print0, --name=value overrides), checkpoints, downloads.
+ranks), inference (KVCache, the server's RowCache, sampling, the tool-use calculator, Engine,
+the server's BatchDecoder), runtime plumbing (devices, dtypes, torch.distributed, print0,
+--name=value overrides), checkpoints, downloads.
 """
 import ast
 import difflib
