@@ -13,6 +13,10 @@ process, and fires N streaming requests at once through POST /chat/completions, 
   decoder   no server: gpt.BatchDecoder's steps alone in this process, N rows (the model side
             of batching, without HTTP, JSON and the clients' threads)
 
+Reported per point: aggregate tokens/s over the wall time of the N streams, tokens per CPU-second
+of the server process (steadier than wall time when other jobs share the machine), and the mean
+and worst time to the first token.
+
   python tests/bench/bench_serve.py --device=cpu --streams=1,4,8,16,32 --modes=batched,serial --repeats=3
 """
 import argparse
@@ -68,9 +72,9 @@ def decoder_rate(rows, max_tokens, device):
     for i in range(rows):
         decoder.add(tokenizer.encode(f"stream {i}: tell me a story"), max_tokens + 2, 1.0, 50, None, i)
     decoder.step()   # warm-up
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     tokens = sum(len(decoder.step()) for _ in range(max_tokens))
-    return tokens / (time.perf_counter() - t0)
+    return tokens / (time.perf_counter() - t0), tokens / (time.process_time() - cpu0)
 
 
 def start_server(root, home, device, extra):
@@ -115,9 +119,18 @@ def timed_stream(port, i, max_tokens):
     return first, time.perf_counter() - t0, tokens
 
 
-def measure(port, streams, max_tokens):
-    """N streams at once -> (aggregate tokens/s, mean TTFT, max TTFT), or a line saying how many failed."""
+def cpu_seconds(pid):
+    """CPU time (user + system) a process has used so far, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(port, pid, streams, max_tokens):
+    """N streams at once -> (aggregate tokens/s, tokens per server CPU-second, mean TTFT, max TTFT),
+    or a line saying how many streams failed."""
     out = [None] * streams
+    cpu0 = cpu_seconds(pid)
     threads = [threading.Thread(target=one_stream, args=(port, i, max_tokens, out)) for i in range(streams)]
     t0 = time.perf_counter()
     for t in threads:
@@ -128,8 +141,8 @@ def measure(port, streams, max_tokens):
     failed = [o for o in out if isinstance(o, Exception)]
     if failed:
         return f"{len(failed)} of {streams} streams failed ({type(failed[0]).__name__}: {failed[0]})"
-    ttft = [o[0] for o in out]
-    return sum(o[2] for o in out) / wall, sum(ttft) / len(ttft), max(ttft)
+    ttft, tokens = [o[0] for o in out], sum(o[2] for o in out)
+    return tokens / wall, tokens / (cpu_seconds(pid) - cpu0), sum(ttft) / len(ttft), max(ttft)
 
 
 if __name__ == "__main__":
@@ -149,28 +162,29 @@ if __name__ == "__main__":
           f"vocab {config.vocab_size}; {args.max_tokens} tokens per reply; device {args.device}; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     counts = [int(n) for n in args.streams.split(",")]
-    print(f"| mode | streams | aggregate tok/s | mean TTFT s | max TTFT s |\n|---|---|---|---|---|")
+    print("| mode | streams | aggregate tok/s | tok per server CPU-s | mean TTFT s | max TTFT s |\n"
+          "|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
         if mode == "decoder":
             for n in counts:
-                rate = max(decoder_rate(n, args.max_tokens, args.device) for _ in range(args.repeats))
-                print(f"| decoder | {n} | {rate:.0f} | | |", flush=True)
+                rate, cpu_rate = max(decoder_rate(n, args.max_tokens, args.device) for _ in range(args.repeats))
+                print(f"| decoder | {n} | {rate:.0f} | {cpu_rate:.0f} | | |", flush=True)
             continue
         root = ROOT if mode in ("batched", "serial") else mode
         extra = {"batched": [f"--max_rows={max(counts)}"], "serial": ["--max_rows=1", f"--max_queue={max(counts)}"]}
         proc, port = start_server(root, home, args.device, extra.get(mode, []))
         try:
-            measure(port, 1, 4)   # warm-up: first-call allocations and lazy inits
+            measure(port, proc.pid, 1, 4)   # warm-up: first-call allocations and lazy inits
             for n in counts:
                 # on a shared machine other jobs slow some runs down: the fastest run is the one
                 # least disturbed (its TTFTs come with it)
-                runs = [measure(port, n, args.max_tokens) for _ in range(args.repeats)]
+                runs = [measure(port, proc.pid, n, args.max_tokens) for _ in range(args.repeats)]
                 failed = [r for r in runs if isinstance(r, str)]
                 if failed:
-                    print(f"| {mode} | {n} | {failed[0]} | | |", flush=True)
+                    print(f"| {mode} | {n} | {failed[0]} | | | |", flush=True)
                     continue
-                rate, mean_ttft, max_ttft = max(runs)
-                print(f"| {mode} | {n} | {rate:.0f} | {mean_ttft:.2f} | {max_ttft:.2f} |", flush=True)
+                rate, cpu_rate, mean_ttft, max_ttft = max(runs)
+                print(f"| {mode} | {n} | {rate:.0f} | {cpu_rate:.0f} | {mean_ttft:.2f} | {max_ttft:.2f} |", flush=True)
         finally:
             proc.terminate()
             proc.wait()
