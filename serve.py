@@ -390,7 +390,8 @@ class Worker:
         self.inbox = queue.Queue()
         self.lock = threading.Lock()                   # guards in_flight
         self.in_flight, self.submitted, self.requests, self.tokens = 0, 0, 0, 0
-        threading.Thread(target=self.run, name=f"worker-{index}", daemon=True).start()
+        self.thread = threading.Thread(target=self.run, name=f"worker-{index}", daemon=True)
+        self.thread.start()
 
     def new_decoder(self):
         return gpt.BatchDecoder(self.engine, self.max_rows, self.engine.model.config.sequence_len, self.stop_ids)
@@ -486,6 +487,8 @@ class Generation:
             try:
                 i, token = self.out.get(timeout=POLL_S)
             except queue.Empty:
+                if not self.worker.thread.is_alive():   # its boundary failed too (out of memory twice)
+                    raise RuntimeError(f"worker {self.worker.index} has stopped; restart serve.py") from None
                 token = False   # nothing new: only check on the client
             if token is None or isinstance(token, Exception):
                 running -= 1
