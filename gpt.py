@@ -1214,8 +1214,9 @@ def _model_card(model, meta, report, dtype):
     c, n = model.config, model.num_params()["total"]
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [slimchat, nanochat]", "---",
              f"# slimchat d{c.n_layer} ({meta['stage']}, step {meta['step']})", "",
-             f"A {n:,}-parameter chat model trained from scratch with slimchat (tokenizer, pretraining, "
-             f"mid-training, SFT, RL). transformers' NanoChat architecture: {c.n_layer} layers, width {c.n_embd}, "
+             f"A {n:,}-parameter {meta['stage']} model of slimchat, a minimal pipeline that trains a chat model from "
+             f"scratch (tokenizer, pretraining, mid-training, SFT, RL). transformers' NanoChat architecture: "
+             f"{c.n_layer} layers, width {c.n_embd}, "
              f"{c.n_head} heads ({c.n_kv_head} for keys and values), vocabulary {c.vocab_size:,}, "
              f"trained context {c.sequence_len} tokens; weights in {dtype}.", "", "```python",
              "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -1223,7 +1224,9 @@ def _model_card(model, meta, report, dtype):
              "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Hi!'}], add_generation_prompt=True, "
              "return_tensors='pt')['input_ids']",
              "print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.size(1):], skip_special_tokens=True))",
-             "```"]
+             "```", "", "Text that looks like a special token (`<|user_end|>`) is plain text to slimchat: pass "
+             "`split_special_tokens=True` to `tok.encode` and `sanitize_control_tokens=True` to "
+             "`apply_chat_template` for the same ids."]
     evals = (report or {}).get("evals") or {}
     metrics = sorted({k for scores in evals.values() for k, v in scores.items() if isinstance(v, (int, float))})
     if metrics:
@@ -1236,24 +1239,23 @@ def _model_card(model, meta, report, dtype):
 def export_hf(model, tok, out_dir, dtype, meta, report=None):
     """
     Write a folder that transformers (5.x) loads as NanoChatForCausalLM with no custom code:
-    config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json
-    (with the chat template) and README.md. The two implementations differ in these conventions,
-    each mapped exactly (a float32 export round-trips bit for bit through import_hf):
-    | convention        | slimchat                             | transformers NanoChat, as exported      |
-    |-------------------|--------------------------------------|-----------------------------------------|
-    | weight names      | wte, blocks.i.attn.c_q/c_k/c_v/c_proj, | model.embed_tokens, model.layers.i.self_attn. |
-    |                   | blocks.i.mlp.c_fc/c_proj, lm_head     |   q/k/v/o_proj, .mlp.fc1/fc2, lm_head    |
-    | weight layout     | (out, in), heads of D rows, no biases | the same                                 |
-    | rotary direction  | (x1, x2) -> (x1·cos - x2·sin, ...)    | the opposite: c_q, c_k rows of each head's |
-    |                   |                                       |   second half are negated (_flip_rotary)  |
-    | rotary tables     | fp32 table, base 10,000, cast to the  | fp32 cos/sin per call from rope_theta,     |
-    |                   |   compute dtype                       |   cast to the activation dtype (the same)  |
-    | RMSNorm eps       | config.norm_eps (fp32 epsilon)        | rms_norm_eps, the same value               |
-    | QK-norm           | after rotary, no weights              | the same (q_norm / k_norm, no weights)     |
-    | soft-cap          | 15·tanh(logits/15) in fp32            | final_logit_softcapping=15, in the weights' |
-    |                   |                                       |   dtype (so equal only in float32)        |
-    | rotary reach      | 10 x sequence_len positions           | max_position_embeddings = sequence_len     |
-    | stop tokens       | <|assistant_end|>, <|bos|>            | eos_token_id = both; pad = <|bos|>          |
+    config.json, model.safetensors (in `dtype`), generation_config.json, tokenizer.json,
+    tokenizer_config.json (with the chat template) and README.md (the model card, with the report
+    card's numbers when `report` is given). Where the two implementations differ, it maps exactly;
+    a float32 export comes back bit for bit through import_hf:
+    - names: wte -> model.embed_tokens; blocks.i.attn.c_q/c_k/c_v/c_proj -> model.layers.i.self_attn.
+      q/k/v/o_proj; blocks.i.mlp.c_fc/c_proj -> model.layers.i.mlp.fc1/fc2; lm_head -> lm_head. Layouts
+      are the same: (out, in), heads of head_dim rows, no biases, untied head.
+    - rotary direction: both rotate the pairs (x[i], x[i + D/2]), but in opposite directions, so
+      the second half of each head's c_q, c_k rows is negated (_flip_rotary).
+    - rotary tables: ours are computed once in fp32 for 10 x sequence_len positions, theirs per
+      call in fp32 for any position; both cast to the activations' dtype. Base 10,000 (rope_theta).
+      max_position_embeddings is the trained context, sequence_len.
+    - RMSNorm eps: F.rms_norm's default is float32's epsilon (also for bf16 inputs, it computes in
+      fp32); transformers' default is 1e-6, so rms_norm_eps is written out (config.norm_eps).
+    - QK-norm (after the rotary, no weights) and the norm after the embedding: the same on both sides.
+    - soft-cap 15·tanh(x/15): ours in fp32, theirs in the weights' dtype (equal in float32 only).
+    - stops: <|assistant_end|> and <|bos|> (the Engine's) are eos_token_id; <|bos|> pads.
     The folder is written under a temporary name and renamed when complete.
     """
     c = model.config
