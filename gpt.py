@@ -15,7 +15,10 @@ The model is the late-2025 nanoGPT-family decoder (REFERENCE.md §3, "E"). Diffe
 
 Also here (sections in this order): the Muon + AdamW optimizer (one class for one or many
 ranks), inference (KVCache, sampling, the tool-use calculator, Engine), runtime plumbing
-(devices, dtypes, torch.distributed, print0, --name=value overrides), checkpoints, downloads.
+(devices, dtypes, torch.distributed, print0, --name=value overrides), checkpoints, downloads, and
+the Hugging Face format (transformers' NanoChat), with a CLI:
+  python gpt.py export --stage=sft --out=DIR [--step=N] [--tag=d20] [--dtype=bfloat16|float32]
+  python gpt.py import --from=DIR [--stage=sft|base] [--tag=NAME]
 """
 import ast
 import difflib
