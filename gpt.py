@@ -1122,7 +1122,7 @@ def save_safetensors(tensors, path):
     the JSON header {name: {dtype, shape, data_offsets}}, then every tensor's raw bytes."""
     assert sys.byteorder == "little", "safetensors holds little-endian bytes; this machine is big-endian"
     codes = {dtype: code for code, dtype in HF_DTYPES.items()}
-    header, offset = {}, 0
+    header, offset = {"__metadata__": {"format": "pt"}}, 0   # older transformers insist on the format tag
     for name, t in tensors.items():
         size = t.numel() * t.element_size()
         header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
@@ -1275,7 +1275,7 @@ def export_hf(model, tok, out_dir, dtype, meta, report=None):
               "tie_word_embeddings": False, "bos_token_id": tok.bos_id, "eos_token_id": stops,
               "pad_token_id": tok.bos_id, "dtype": dtype_name, "use_cache": True}
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
-                  "pad_token": "<|bos|>", "model_max_length": c.sequence_len, "clean_up_tokenization_spaces": False,
+                  "pad_token": "<|bos|>", "clean_up_tokenization_spaces": False,
                   "chat_template": HF_CHAT_TEMPLATE}
     files = {"config.json": config, "tokenizer.json": hf_tokenizer_json(tok), "tokenizer_config.json": tok_config,
              "generation_config.json": {"bos_token_id": tok.bos_id, "eos_token_id": stops, "pad_token_id": tok.bos_id}}
@@ -1337,7 +1337,7 @@ def tokenizer_from_hf(path):
             or steps[1].get("type") != "ByteLevel" or steps[1].get("use_regex") or steps[1].get("add_prefix_space")):
         refuse(f"its pre-tokenizer is not a regex Split then a plain ByteLevel: {json.dumps(pre)[:200]}")
     unchar = {ch: b for b, ch in enumerate(_byte_chars())}
-    vocab = model["vocab"]
+    vocab = model.get("vocab") or {}
     token_bytes = [None] * len(vocab)
     for name, i in vocab.items():
         if not 0 <= i < len(vocab) or token_bytes[i] is not None or any(ch not in unchar for ch in name):
@@ -1349,7 +1349,7 @@ def tokenizer_from_hf(path):
     candidates = {}
     for pair in model.get("merges", []):
         a, b = pair.split(" ") if isinstance(pair, str) else pair
-        if (a + b) in vocab:
+        if a in vocab and b in vocab and a + b in vocab:
             candidates.setdefault(vocab[a + b], []).append((vocab[a], vocab[b]))
             order.append(vocab[a + b])
     for i in range(256, len(vocab)):

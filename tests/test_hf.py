@@ -232,6 +232,10 @@ def test_cli_export_then_import_then_serve(tok, model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     proc = run("gpt.py", "import", f"--from={tmp_path / 'out'}", home_dir=fresh)
     assert proc.returncode != 0 and "already holds checkpoints; pass --tag=NAME" in proc.stderr
+    other = tmp_path / "other"   # a home whose checkpoints need another tokenizer is left alone
+    bpe.Tokenizer.train(docs(20), 300).save(str(other / "tokenizer" / "tokenizer.json"))
+    proc = run("gpt.py", "import", f"--from={tmp_path / 'out'}", home_dir=other)
+    assert proc.returncode != 0 and "holds a different tokenizer" in proc.stderr and not (other / "checkpoints").exists()
     proc = run("serve.py", "-p", "Hi", "--temperature=0", "--max_tokens=8", home_dir=fresh)
     assert proc.returncode == 0, proc.stderr
     os.environ["SLIMCHAT_HOME"] = str(fresh)
