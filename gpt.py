@@ -1396,6 +1396,8 @@ def import_hf(src):
     config = GPTConfig(sequence_len=c.get("max_position_embeddings", 2048), vocab_size=c["vocab_size"],
                        n_layer=c["num_hidden_layers"], n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads,
                        n_embd=c["hidden_size"], norm_eps=c.get("rms_norm_eps", 1e-6))
+    if not os.path.isfile(os.path.join(src, "tokenizer.json")):
+        raise FileNotFoundError(f"no tokenizer.json in {src}: import reads the tokenizer in the `tokenizers` format")
     tok = tokenizer_from_hf(os.path.join(src, "tokenizer.json"))
     if tok.vocab_size > config.vocab_size:
         raise ValueError(f"{src}: the tokenizer has {tok.vocab_size} ids but the model only {config.vocab_size}")
