@@ -352,7 +352,7 @@ if __name__ == "__main__":
     meta, optim_state = None, None
     if resume:
         raw_model, meta, optim_state = gpt.load_checkpoint("base", dev, tag=tag, tokenizer=tok, rank=rank, dtype=dtype)
-        if meta["model_config"] != dataclasses.asdict(arch):
+        if raw_model.config != arch:   # the loaded config: fields newer than the checkpoint take their defaults
             raise SystemExit(f"--resume: the checkpoint's model {meta['model_config']} differs from "
                              f"the knobs' {dataclasses.asdict(arch)}; pass the same model knobs")
         if meta["world_size"] != world_size:
