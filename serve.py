@@ -430,7 +430,13 @@ class Worker:
                 self.finish(job, None)
                 continue
             s = job.settings
-            row = self.decoder.add(job.ids, job.max_new, float(s["temperature"]), s["top_k"], s["top_p"], job.seed)
+            try:
+                row = self.decoder.add(job.ids, job.max_new, float(s["temperature"]), s["top_k"], s["top_p"], job.seed)
+            # thread boundary: a prompt that fails to prefill (out of memory) fails its own reply only
+            except Exception as e:
+                traceback.print_exc()
+                self.finish(job, e)
+                continue
             jobs[id(row)] = job
 
     def finish(self, job, error):
