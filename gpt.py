@@ -748,8 +748,10 @@ class BatchDecoder:
         self.logits = None    # (rows, V): each row's next-token logits
 
     @torch.inference_mode()
-    def add(self, tokens, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=42):
-        """Prefill a prompt and give it a row; -> its handle. Its first token comes at the next step()."""
+    def add(self, tokens, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=42, logprobs=None):
+        """Prefill a prompt and give it a row; -> its handle. Its first token comes at the next step().
+        With logprobs=k, each step also leaves in handle["logprob"] the token's log-probability under
+        the model (before temperature, top-k, top-p) and the k likeliest tokens': (lp, [(id, lp), ...])."""
         assert tokens and max_tokens > 0, "add needs a prompt and room for at least one token"
         model, device = self.engine.model, self.engine.model.wte.weight.device
         prefill = KVCache.for_model(model, 1, len(tokens))
@@ -758,7 +760,7 @@ class BatchDecoder:
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         row = {"forced": deque(), "expr": None, "done": False, "left": max_tokens,
                "rng": torch.Generator(device=device).manual_seed(seed),
-               "temperature": temperature, "top_k": top_k, "top_p": top_p}
+               "temperature": temperature, "top_k": top_k, "top_p": top_p, "logprobs": logprobs, "logprob": None}
         self.rows.append(row)
         return row
 
@@ -780,9 +782,17 @@ class BatchDecoder:
             return []
         picks = [sample_next_token(self.logits[i:i + 1], row["rng"], row["temperature"], row["top_k"], row["top_p"])
                  for i, row in enumerate(self.rows)]
+        # a forced row (tool output) still drew above: its RNG stream stays the one it has alone
+        tokens = [row["forced"].popleft() if row["forced"] else tok
+                  for row, tok in zip(self.rows, torch.cat(picks).view(-1).tolist())]
+        for i, (row, tok) in enumerate(zip(self.rows, tokens)):
+            if row["logprobs"] is not None:
+                lp = F.log_softmax(self.logits[i].float(), dim=-1)
+                top = lp.topk(row["logprobs"]) if row["logprobs"] else None
+                alternatives = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
+                row["logprob"] = (lp[tok].item(), alternatives)
         out = []
-        for row, tok in zip(list(self.rows), torch.cat(picks).view(-1).tolist()):
-            tok = row["forced"].popleft() if row["forced"] else tok   # a forced row still drew: same RNG stream
+        for row, tok in zip(list(self.rows), tokens):
             self.engine._tool_step(row, tok)
             row["token"], row["left"] = tok, row["left"] - 1
             ended = tok in self.stop_ids or row["left"] == 0

@@ -12,7 +12,7 @@ Endpoints (REFERENCE.md §11, plus the OpenAI-shaped ones):
                              "type" is text | python | python_output, so the page can show tool calls;
                              "gpu" is the worker's index (the reference's name; a CPU replica has one too)
   POST /v1/chat/completions  OpenAI Chat Completions: stream and non-stream, usage, finish_reason,
-                             n choices, stop strings, top_p; fields we can't honour get a 400
+                             n choices, stop strings, top_p, logprobs; fields we can't honour get a 400
   GET  /v1/models, /v1/models/{id}, /health, /stats;  OPTIONS (CORS preflight, see --cors_origins)
 Concurrency: workers, each one model replica on one device (one per GPU; on CPU, --num_workers
 replicas) with one thread that alone drives its model. Each worker decodes every reply it holds
@@ -82,13 +82,14 @@ SOCKET_TIMEOUT = 30.0      # seconds a client may stall mid-request (or not read
 POLL_S = 0.05              # how often a request waiting for tokens checks that its client is still there
 ROLES = ("system", "developer", "user", "assistant")   # OpenAI's newer name for system is developer
 TOP_P_RANGE = (0.0, 1.0)
+TOP_LOGPROBS_RANGE = (0, 20)
 N_RANGE = (1, 16)          # choices per request (rows it takes)
 MAX_STOPS = 4              # stop strings per request, as OpenAI allows
 # request fields we read; any other with a value that changes the reply is refused with a 400 naming it
 # (clients send null for fields they don't set, and these neutral values change nothing)
 FIELDS = ("messages", "model", "user", "temperature", "top_k", "top_p", "max_tokens", "max_completion_tokens",
-          "seed", "n", "stop", "stream", "stream_options")
-NEUTRAL = {"logprobs": False, "frequency_penalty": 0, "presence_penalty": 0}
+          "seed", "n", "stop", "stream", "stream_options", "logprobs", "top_logprobs")
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0}
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
                  ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
@@ -214,7 +215,8 @@ def check_order(messages):
 
 def check_request(body, defaults):
     """Validated chat request -> dict(messages, temperature, top_k, top_p, max_tokens, seed, n, stop,
-    stream, include_usage). model and user are ignored; a field we can't honour is a 400."""
+    logprobs, stream, include_usage). model and user are ignored; a field we can't honour is a 400.
+    logprobs is None (not asked) or how many alternatives to list with each token's."""
     for name, value in body.items():
         if name not in FIELDS and value is not None and not (name in NEUTRAL and value == NEUTRAL[name]):
             raise ApiError(400, f"'{name}' is not supported by this server; leave it out "
@@ -231,6 +233,12 @@ def check_request(body, defaults):
     out["seed"] = _number(body, "seed", 0, 2 ** 63 - 1, None, True)
     out["n"] = _number(body, "n", *N_RANGE, 1, True)
     out["stop"] = check_stop(body.get("stop"))
+    if not isinstance(body.get("logprobs", False), (bool, type(None))):
+        raise ApiError(400, "'logprobs' must be true or false")
+    alternatives = _number(body, "top_logprobs", *TOP_LOGPROBS_RANGE, 0, True)
+    if alternatives and not body.get("logprobs"):
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true")
+    out["logprobs"] = alternatives if body.get("logprobs") else None
     out["stream"] = False if body.get("stream") is None else body["stream"]
     if not isinstance(out["stream"], bool):
         raise ApiError(400, "'stream' must be true or false")
@@ -306,12 +314,18 @@ class Reply:
         self.switch = {tokenizer.special(name): kind for name, kind in PART_SWITCH.items()}
         self.kind, self.decoder, self.held = "text", tokenizer.stream_decoder(), ""
         self.parts, self.num_tokens, self.finish_reason = [], 0, None
+        self.logprobs, self.unsent = [], 0   # OpenAI's logprobs.content entries; how many a stream has yet to send
 
-    def push(self, token):
-        """One generated id -> list of (kind, text) pieces that are now complete."""
+    def push(self, token, logprob=None):
+        """One generated id (and, if asked, its (logprob, alternatives)) -> list of (kind, text)
+        pieces that are now complete."""
         if self.finish_reason:   # ended by a stop string: what the model says next is not shown
             return []
         self.num_tokens += 1
+        if logprob is not None and token not in self.stops and token not in self.switch and self.kind != "python":
+            self.logprobs.append({**self._token_entry(token, logprob[0]),
+                                  "top_logprobs": [self._token_entry(t, lp) for t, lp in logprob[1]]})
+            self.unsent += 1
         if token in self.stops:
             self.finish_reason = "stop"
             return self._flush()
@@ -355,6 +369,16 @@ class Reply:
         held, self.held = self.held, ""
         return pieces + self._append(held)
 
+    def _token_entry(self, token, logprob):
+        return {"token": self.tokenizer.decode([token]), "logprob": logprob,
+                "bytes": list(self.tokenizer.decode_bytes([token]))}
+
+    def take_logprobs(self):
+        """The logprobs entries a stream has not sent yet."""
+        entries = self.logprobs[len(self.logprobs) - self.unsent:]
+        self.unsent = 0
+        return entries
+
     def visible_text(self):
         """What a plain-text client shows: the text and the tool results, not the tool calls."""
         return "".join(p["text"] for p in self.parts if p["type"] != "python")
@@ -367,8 +391,8 @@ class Reply:
 
 
 class Job:
-    """One reply for a worker to decode. Its tokens go to `out` as (index, token), then (index,
-    None) when it ends, or (index, exception) if decoding failed."""
+    """One reply for a worker to decode. Its tokens go to `out` as (index, token, logprob or None),
+    then (index, None, None) when it ends, or (index, exception, None) if decoding failed."""
 
     def __init__(self, ids, max_new, settings, seed, index, out):
         self.ids, self.max_new, self.settings, self.seed, self.index, self.out = ids, max_new, settings, seed, index, out
@@ -406,7 +430,7 @@ class Worker:
                     self.finish(jobs.pop(id(row)), None)
                 for row, token, ended in self.decoder.step():
                     job = jobs[id(row)]
-                    job.out.put((job.index, token))
+                    job.out.put((job.index, token, row["logprob"]))
                     self.tokens += 1
                     if ended:
                         self.finish(jobs.pop(id(row)), None)
@@ -431,7 +455,8 @@ class Worker:
                 continue
             s = job.settings
             try:
-                row = self.decoder.add(job.ids, job.max_new, float(s["temperature"]), s["top_k"], s["top_p"], job.seed)
+                row = self.decoder.add(job.ids, job.max_new, float(s["temperature"]), s["top_k"], s["top_p"],
+                                       job.seed, s["logprobs"])
             # thread boundary: a prompt that fails to prefill (out of memory) fails its own reply only
             except Exception as e:
                 traceback.print_exc()
@@ -443,7 +468,7 @@ class Worker:
         with self.lock:
             self.in_flight -= 1
         self.requests += error is None
-        job.out.put((job.index, error))
+        job.out.put((job.index, error, None))
 
 
 class Pool:
@@ -491,7 +516,7 @@ class Generation:
         running, error = len(self.jobs), None
         while running:
             try:
-                i, token = self.out.get(timeout=POLL_S)
+                i, token, logprob = self.out.get(timeout=POLL_S)
             except queue.Empty:
                 if not self.worker.thread.is_alive():   # its boundary failed too (out of memory twice)
                     raise RuntimeError(f"worker {self.worker.index} has stopped; restart serve.py") from None
@@ -502,7 +527,7 @@ class Generation:
                 for kind, text in self.replies[i].close(self.max_new):
                     emit(i, kind, text)
             elif token is not False:
-                for kind, text in self.replies[i].push(token):
+                for kind, text in self.replies[i].push(token, logprob):
                     emit(i, kind, text)
                 self.jobs[i].cancelled = self.replies[i].finish_reason is not None
             if stopped():
@@ -679,8 +704,8 @@ class Handler(BaseHTTPRequestHandler):
     def chat(self, openai):
         app = self.server.app
         req = check_request(parse_body(self.read_body()), app.defaults)
-        if not openai and req["n"] != 1:
-            raise ApiError(400, "'n' must be 1 here; /v1/chat/completions returns n choices")
+        if not openai and (req["n"] != 1 or req["logprobs"] is not None):
+            raise ApiError(400, "'n' and 'logprobs' are for /v1/chat/completions; this endpoint streams one reply")
         if not app.ready:
             raise ApiError(503, f"model not loaded: {app.load_error}")
         ids, max_new, dropped = fit_context(app.tokenizer, req["messages"], app.context_len, req["max_tokens"])
@@ -692,9 +717,9 @@ class Handler(BaseHTTPRequestHandler):
             if not openai:
                 self.stream_simple(gen, len(ids), dropped)
             elif req["stream"]:
-                self.stream_openai(gen, len(ids), req["include_usage"])
+                self.stream_openai(gen, len(ids), req["include_usage"], req["logprobs"] is not None)
             else:
-                self.complete_openai(gen, len(ids))
+                self.complete_openai(gen, len(ids), req["logprobs"] is not None)
         finally:
             gen.cancel()   # a no-op after a whole reply; after a failure, the rows are freed
             app.count("active", -1)
@@ -709,16 +734,21 @@ class Handler(BaseHTTPRequestHandler):
             self.send_event({"done": True, "finish_reason": reply.finish_reason, "trimmed_messages": dropped,
                              "usage": usage(prompt_tokens, reply.num_tokens)})
 
-    def stream_openai(self, gen, prompt_tokens, include_usage):
+    def stream_openai(self, gen, prompt_tokens, include_usage, logprobs):
         """chat.completion.chunk events (one choice per chunk), then [DONE]; python tool calls are not shown."""
         head = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": self.server.app.model_id}
 
-        def chunk(i, delta, finish=None):
-            return {**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish}]}
+        def chunk(i, delta, finish=None, entries=None):
+            choice = {"index": i, "delta": delta, "finish_reason": finish}
+            if entries is not None:
+                choice["logprobs"] = {"content": entries}
+            return {**head, "choices": [choice]}
 
-        def piece(i, kind, text):
-            return None if kind == "python" else chunk(i, {"content": text})
+        def piece(i, kind, text):   # a piece carries the logprobs of the tokens that completed it
+            if kind == "python":
+                return None
+            return chunk(i, {"content": text}, entries=gen.replies[i].take_logprobs() if logprobs else None)
 
         replies = self.run_stream(gen, piece, [chunk(i, {"role": "assistant", "content": ""})
                                                for i in range(len(gen.jobs))])
@@ -730,7 +760,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_event({**head, "choices": [], "usage": usage(prompt_tokens, sum(r.num_tokens for r in replies))})
         self.send_sse_line(b"data: [DONE]\n\n")
 
-    def complete_openai(self, gen, prompt_tokens):
+    def complete_openai(self, gen, prompt_tokens, logprobs):
         app = self.server.app
         # nothing is sent until the end, so a departed client is noticed by peeking at its socket
         replies = gen.collect(lambda i, kind, text: None, functools.partial(peer_closed, self.connection))
@@ -741,6 +771,7 @@ class Handler(BaseHTTPRequestHandler):
             "id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion", "created": int(time.time()),
             "model": app.model_id,
             "choices": [{"index": i, "message": {"role": "assistant", "content": r.visible_text()},
+                         "logprobs": {"content": r.logprobs} if logprobs else None,
                          "finish_reason": r.finish_reason} for i, r in enumerate(replies)],
             "usage": usage(prompt_tokens, sum(r.num_tokens for r in replies))})
 
@@ -913,7 +944,7 @@ def terminal_reply(app, messages, config):
     ids, max_new, _ = fit_context(app.tokenizer, messages, app.context_len, config["max_tokens"])
     state = {"kind": "text"}
     settings = {"temperature": config["temperature"], "top_k": config["top_k"] or None, "top_p": None, "n": 1,
-                "stop": []}
+                "stop": [], "logprobs": None}
     gen = Generation(app, ids, max_new, settings, random.randrange(2 ** 31))
     try:
         reply = gen.collect(lambda i, kind, text: print_piece(state, kind, text), lambda: False)[0]

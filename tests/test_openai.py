@@ -90,6 +90,34 @@ def test_developer_role_is_system(site, stream):
     assert as_developer == as_system
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs(site, stream):
+    """logprobs: one entry per visible token (its text, bytes and log-probability under the model)
+    with the top_logprobs likeliest alternatives, sorted; greedy picks the likeliest."""
+    client, app, _ = site
+    args = dict(model="slimchat", messages=[{"role": "user", "content": "hi"}], max_tokens=12, temperature=0,
+                logprobs=True, top_logprobs=3)
+    if stream:
+        entries, text = [], ""
+        for chunk in client.chat.completions.create(stream=True, **args):
+            for c in chunk.choices:
+                text += c.delta.content or ""
+                entries += c.logprobs.content if c.logprobs else []
+    else:
+        choice = client.chat.completions.create(**args).choices[0]
+        entries, text = choice.logprobs.content, choice.message.content
+    assert len(entries) == 12 and "".join(e.token for e in entries) == text
+    for e in entries:
+        assert e.logprob <= 0 and bytes(e.bytes).decode("utf-8", "replace") == e.token
+        alternatives = [a.logprob for a in e.top_logprobs]
+        assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob   # greedy
+    plain = client.chat.completions.create(**{**args, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == text
+    with pytest.raises(openai.BadRequestError, match="'top_logprobs' needs 'logprobs': true"):
+        client.chat.completions.create(**{**args, "logprobs": False})
+
+
 def test_models_list_and_retrieve(site):
     client, app, _ = site
     assert [m.id for m in client.models.list()] == [app.model_id]
@@ -103,19 +131,27 @@ def test_models_list_and_retrieve(site):
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("response_format", {"type": "json_object"}),
-    ("logprobs", True),
-    ("top_logprobs", 2),
     ("presence_penalty", 1.0),
+    ("frequency_penalty", -0.5),
 ])
 def test_unsupported_fields_are_a_clear_400(site, stream, field, value):
     client, _, _ = site
     with pytest.raises(openai.BadRequestError, match=f"'{field}' is not supported"):
         ask(client, stream, **{field: value})
     # the neutral values clients send by default change nothing and are accepted
-    assert ask(client, stream, logprobs=False, presence_penalty=0)[1] == ["length"]
+    assert ask(client, stream, presence_penalty=0, frequency_penalty=0)[1] == ["length"]
 
 # ---------------------------------------------------------------------------
 # CORS and methods, over plain HTTP
+
+
+def test_page_endpoint_refuses_n_and_logprobs(site):
+    """The page's SSE endpoint streams one reply and has no place for logprobs: a 400, not silence."""
+    _, _, port = site
+    for extra in ('"n": 2', '"logprobs": true'):
+        resp, data = raw(port, "POST", "/chat/completions", {"Content-Type": "application/json"},
+                         b'{"messages": [{"role": "user", "content": "hi"}], ' + extra.encode() + b"}")
+        assert resp.status == 400 and b"are for /v1/chat/completions" in data
 
 
 def raw(port, method, path, headers=None, body=None):

@@ -264,9 +264,9 @@ BAD = [  # (name, raw body or dict, status, words in the message)
     ("stop empty", chat(stop=[""]), 400, "'stop'"),
     ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "'tools' is not supported"),
     ("response_format", chat(response_format={"type": "json_object"}), 400, "'response_format' is not supported"),
-    ("logprobs", chat(logprobs=True), 400, "'logprobs' is not supported"),
-    ("top_logprobs", chat(top_logprobs=2), 400, "'top_logprobs' is not supported"),
     ("frequency_penalty", chat(frequency_penalty=0.5), 400, "'frequency_penalty' is not supported"),
+    ("logprobs a string", chat(logprobs="yes"), 400, "'logprobs' must be true or false"),
+    ("top_logprobs too many", chat(logprobs=True, top_logprobs=21), 400, "'top_logprobs'"),
     ("bad stream_options", chat(stream_options=[1]), 400, "stream_options"),
 ]
 
