@@ -841,36 +841,44 @@ def load_core_data(bundle, filename):
 
 
 def core_texts(item, shots, kind, delimiter):
-    """The texts to score for one item, each as (prefix, continuation)."""
+    """The prompts the reference renders for one item (REFERENCE §14.1): shots, each followed by a blank
+    line, then the item. MC: one prompt per choice; schema: one per context option; LM: the prompt
+    without its continuation, stripped, then with it. Data is used as it is, except that LM contexts
+    are stripped at both ends (Jinja's `trim`), so a context ending in a space does not put a second
+    space before the continuation."""
     if kind == "multiple_choice":
         context = "".join(f"{s['query']}{delimiter}{s['choices'][s['gold']]}\n\n" for s in shots)
-        return [(context + item["query"] + delimiter, choice) for choice in item["choices"]]
+        return [context + item["query"] + delimiter + choice for choice in item["choices"]]
     if kind == "schema":
         context = "".join(f"{s['context_options'][s['gold']]}{delimiter}{s['continuation']}\n\n" for s in shots)
-        return [(context + option + delimiter, item["continuation"]) for option in item["context_options"]]
+        return [context + option + delimiter + item["continuation"] for option in item["context_options"]]
     if kind == "language_modeling":
-        context = "".join(f"{s['context']}{delimiter}{s['continuation']}\n\n" for s in shots)
-        return [(context + item["context"] + delimiter, item["continuation"])]
+        context = "".join(f"{s['context'].strip()}{delimiter}{s['continuation']}\n\n" for s in shots)
+        prompt = context + item["context"].strip() + delimiter
+        return [prompt.strip(), prompt + item["continuation"]]
     raise ValueError(f"unknown CORE task type {kind!r}")
 
 
-def core_spans(tokenizer, texts, kind):
-    """Token sequences (BOS first) and the [start, end) span of each one's continuation tokens.
-    MC options share their prefix: the continuation starts where they diverge. Schema options share
-    their ending: it is the longest common suffix. LM: the continuation follows the prefix, whose
-    trailing whitespace is stripped so the delimiter's space joins the first continuation token."""
-    bos = [tokenizer.bos_id]
-    if kind == "language_modeling":
-        prefix, continuation = texts[0]
-        short, full = bos + tokenizer.encode(prefix.rstrip()), bos + tokenizer.encode(prefix + continuation)
-        return [full], [(min(len(short), len(full) - 1), len(full))]
-    seqs = [bos + tokenizer.encode(p + c) for p, c in texts]
+def common_length(seqs, step):
+    """How many leading (step 1) or trailing (step -1) tokens every sequence shares."""
     shortest = min(map(len, seqs))
+    positions = range(shortest) if step == 1 else range(-1, -shortest - 1, -1)
+    return next((k for k, p in enumerate(positions) if len({s[p] for s in seqs}) > 1), shortest)
+
+
+def core_spans(tokenizer, texts, kind):
+    """Token sequences (BOS first) and the [start, end) span of each one's continuation tokens, as the
+    reference finds them. MC: the tokens after the prefix all choices share. Schema: the suffix all
+    options share. LM: the tokens after the stripped prompt without the continuation (a prefix of
+    the full prompt, except in tokenizations the reference would assert on: then where they part)."""
+    seqs = [[tokenizer.bos_id] + tokenizer.encode(text) for text in texts]
+    if kind == "language_modeling":
+        full = seqs[1]
+        return [full], [(min(common_length(seqs, 1), len(full) - 1), len(full))]
     if kind == "multiple_choice":
-        common = next((k for k in range(shortest) if len({s[k] for s in seqs}) > 1), shortest)
+        common = common_length(seqs, 1)
         return seqs, [(min(common, len(s) - 1), len(s)) for s in seqs]
-    first_diff = next((k for k in range(1, shortest) if len({s[-k] for s in seqs}) > 1), shortest)
-    suffix = max(1, first_diff - 1)
+    suffix = max(1, min(common_length(seqs, -1), min(map(len, seqs)) - 1))
     return seqs, [(len(s) - suffix, len(s)) for s in seqs]
 
 
@@ -897,17 +905,18 @@ def core_item_correct(model, tokenizer, item, shots, kind, delimiter):
     seqs, spans = core_spans(tokenizer, texts, kind)
     scores = score_spans(model, seqs, spans, tokenizer.bos_id)
     if kind == "language_modeling":
-        return scores[0][1], texts[0][1]
+        return scores[0][1], item["continuation"]
     choice = min(range(len(scores)), key=lambda k: scores[k][0])
     options = item["choices"] if kind == "multiple_choice" else item["context_options"]
     return choice == item["gold"], options[choice]
 
 
 def core_task_accuracy(model, tokenizer, data, kind, num_shots, delimiter, max_per_task=-1, records=None):
-    """Accuracy over the first max_per_task items of shuffled `data`, split across ranks. Shots come
-    from the whole task (never the item itself)."""
+    """Accuracy over the first max_per_task items of shuffled `data`, split across ranks. As in the
+    reference, the task is cut first and shots come from what is left (never the item itself)."""
     rank, world = dist_rank_world()
-    n = len(data) if max_per_task < 0 else min(len(data), max_per_task)
+    data = data if max_per_task < 0 else data[:max_per_task]
+    n = len(data)
     mine = []
     for i in range(rank, n, world):
         # positions among the other items; position p >= i is item p + 1 (no O(n) list per item)

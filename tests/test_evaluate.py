@@ -290,6 +290,48 @@ def test_core_on_a_stub_model_matches_hand_computed_scores(tmp_path):
     assert sum(r["verdict"] for r in records["mc"]) == 3 and len(records["lm"]) == 4
 
 
+CORE_RENDER_CASES = [
+    # (kind, delimiter, shots, item, expected prompts, expected continuation text of each)
+    ("multiple_choice", "\nAnswer: ", [{"query": " Q1?", "choices": ["no ", "yes"], "gold": 0}],
+     {"query": "Capital of France? ", "choices": ["Paris", " Lyon "], "gold": 0},
+     [" Q1?\nAnswer: no \n\nCapital of France? \nAnswer: Paris",
+      " Q1?\nAnswer: no \n\nCapital of France? \nAnswer:  Lyon "], ["Paris", " Lyon "]),
+    ("schema", " ", [{"context_options": ["A dog ", "A cat"], "continuation": "barks.", "gold": 0}],
+     {"context_options": ["The trophy", " The case"], "continuation": " was too big. ", "gold": 0},
+     ["A dog  barks.\n\nThe trophy  was too big. ", "A dog  barks.\n\n The case  was too big. "],
+     ["  was too big. ", "  was too big. "]),
+    ("language_modeling", " ", [{"context": "  The sky is ", "continuation": "blue"}],
+     {"context": "\tGrass is ", "continuation": "green "},
+     ["The sky is blue\n\nGrass is", "The sky is blue\n\nGrass is green "], [" green "]),
+    ("language_modeling", "\nAnswer: ", [], {"context": "Q: 2+2? ", "continuation": "4"},
+     ["Q: 2+2?\nAnswer:", "Q: 2+2?\nAnswer: 4"], [" 4"]),
+]
+
+
+@pytest.mark.parametrize("kind,delimiter,shots,item,prompts,continuations", CORE_RENDER_CASES,
+                         ids=[c[0] + repr(c[1]) for c in CORE_RENDER_CASES])
+def test_core_prompts_and_spans_match_the_reference(kind, delimiter, shots, item, prompts, continuations):
+    """Prompts are rendered as the reference's templates render them (REFERENCE §14.1): data kept as
+    it is, except LM contexts, which are stripped at both ends, and the LM prompt without its
+    continuation, stripped as a whole. The scored span is what follows the choices' common prefix
+    (MC), the options' common suffix (schema) or the stripped prompt (LM)."""
+    tok = bpe.Tokenizer.train(["x"], 265)            # bytes only: one character = one token
+    assert ev.core_texts(item, shots, kind, delimiter) == prompts
+    seqs, spans = ev.core_spans(tok, prompts, kind)
+    assert [tok.decode(s[a:b]) for s, (a, b) in zip(seqs, spans)] == continuations
+    assert all(s[0] == tok.bos_id and tok.decode(s[1:]) in prompts for s in seqs)
+
+
+def test_core_lm_continuation_is_one_clean_token_span():
+    """With real merges, a context ending in a space must not leave a stray space token: the scored
+    span is exactly the tokens of " green", as in the reference (slimchat used to score "  green")."""
+    tok = bpe.Tokenizer.train(["Grass is green. The sky is blue. " * 50], 300)
+    item = {"context": "Grass is ", "continuation": "green"}
+    seqs, spans = ev.core_spans(tok, ev.core_texts(item, [], "language_modeling", " "), "language_modeling")
+    (start, end), = spans
+    assert seqs[0][start:end] == tok.encode(" green") and len(tok.encode(" green")) == 1
+
+
 def test_core_bundle_unzips_atomically_and_refuses_escapes(hub, tmp_path, monkeypatch):
     with zipfile.ZipFile(os.path.join(hub, "files", "eval_bundle.zip"), "w") as zf:
         zf.writestr("eval_bundle/eval_meta_data.csv", "Eval Task,Random baseline\ncopa,50\n")
