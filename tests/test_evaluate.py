@@ -1,6 +1,6 @@
 """
-Tests of evaluate.py: task rendering and graders on hand-made answers, the code sandbox against
-hostile programs, CORE scoring on a stub model with hand-computed accuracies, bits per byte, the
+Tests of evaluate.py: task rendering and graders on hand-made answers (the code sandbox has its own
+file, test_sandbox.py), CORE scoring on a stub model with hand-computed accuracies, bits per byte, the
 report card, and the CLI end to end on a tiny model against the offline mirror.
 """
 import json
@@ -188,55 +188,6 @@ def test_training_tasks_have_no_grader(tmp_path):
     task = ev.CustomJSON(str(path))
     with pytest.raises(ValueError, match="training task"):
         task.evaluate(task[0], "yo")
-
-
-# ---------------------------------------------------------------------------
-# the sandbox
-
-SANDBOX_CASES = [
-    ("correct", "def f(x):\n    return x + 1\nassert f(1) == 2\nprint('ok')", "passed"),
-    ("wrong answer", "assert 1 + 1 == 3", "error: AssertionError"),
-    ("exception", "raise KeyError('boom')", "error: KeyError"),
-    ("10 GB allocation", "x = bytearray(10 * 1024**3)", "memory"),
-    ("growing list", "a = []\nwhile True:\n    a.append(' ' * 10**6)", "memory"),
-    ("os.system", "import os\nos.system('echo pwned')", "blocked: os.system"),
-    ("subprocess", "import subprocess\nsubprocess.run(['ls', '/'])", "blocked: subprocess.run"),
-    ("fork bomb", "import os\nwhile True:\n    os.fork()", "blocked: os.fork"),
-    ("delete outside", "import os\nos.remove(os.path.expanduser('/etc/hostname'))",
-     "blocked: os.remove outside the temp dir"),
-    ("rmtree outside", "import shutil\nshutil.rmtree('/usr')", "blocked: shutil.rmtree outside the temp dir"),
-    ("socket", "import socket\nsocket.create_connection(('127.0.0.1', 80))", "blocked: import socket"),
-    ("swallowed violation", "import os\ntry:\n    os.system('x')\nexcept Exception:\n    pass",
-     "blocked: os.system"),
-    ("write outside", "open('/tmp/slimchat-pwned.txt', 'w').write('x')", "blocked: writing outside the temp dir"),
-]
-
-
-@pytest.mark.parametrize("name,code,reason", SANDBOX_CASES, ids=[c[0] for c in SANDBOX_CASES])
-def test_sandbox(name, code, reason):
-    """Every hostile or broken program fails fast with its reason; only the correct one passes."""
-    t0 = time.time()
-    result = ev.run_sandboxed(code, timeout=3.0)
-    assert result.reason.startswith(reason), (result.reason, result.stderr)
-    assert result.passed == (reason == "passed")
-    assert time.time() - t0 < 2.5
-    assert not os.path.exists("/tmp/slimchat-pwned.txt")
-
-
-def test_sandbox_kills_infinite_loop_on_time():
-    t0 = time.time()
-    result = ev.run_sandboxed("while True:\n    pass", timeout=1.0)
-    assert (result.passed, result.reason) == (False, "timeout after 1s")
-    assert time.time() - t0 < 2.0
-
-
-def test_sandbox_scratch_files_stay_inside():
-    """Writing and deleting inside the temp dir (its cwd) is allowed; the env is scrubbed
-    (LC_CTYPE is set by Python's own locale coercion)."""
-    code = ("import os, shutil\nopen('a.txt', 'w').write('x')\nos.remove('a.txt')\n"
-            "os.makedirs('d/e')\nopen('d/e/f', 'w').write('x')\nshutil.rmtree('d')\n"
-            "assert 'SLIMCHAT_HOME' not in os.environ and set(os.environ) <= {'PATH', 'HOME', 'TMPDIR', 'LC_CTYPE'}")
-    assert ev.run_sandboxed(code).reason == "passed"
 
 
 # ---------------------------------------------------------------------------
