@@ -507,7 +507,6 @@ def harness(report_fd, user, memory, cpu, fsize):
     # stdin brings the run's secret, then the program; the program itself gets an empty stdin
     secret, _, source = sys.stdin.buffer.read().decode("utf-8").partition("\n")
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    code = compile(source, "program.py", "exec")
     if user >= 0:   # not root: RLIMIT_NPROC binds, and no host file or process is the program's own
         os.setgroups([])
         os.setgid(user)
@@ -535,7 +534,7 @@ def harness(report_fd, user, memory, cpu, fsize):
 
     guard(os.getcwd())
     try:
-        exec(code, {"__name__": "__main__", "__builtins__": builtins})
+        exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
     except violation as e:
         report("blocked", e)
     except MemoryError:

@@ -40,6 +40,7 @@ SANDBOX_CASES = [
     ("write outside", "open('/var/tmp/slimchat-pwned.txt', 'w').write('x')", "blocked: writing outside the temp dir"),
     ("sys.exit(0) before the tests", "import sys\nsys.exit(0)\nassert False", "exited: SystemExit(0)"),
     ("os._exit(0) before the tests", "import os\nos._exit(0)\nassert False", "exited: status 0"),
+    ("syntax error", "def f(:\n    pass", "error: SyntaxError"),
 ]
 
 
@@ -56,6 +57,19 @@ def test_sandbox(name, code, reason, isolated):
     assert result.passed == (reason == "passed") and result.isolated == isolated
     assert time.time() - t0 < 2.5
     assert not os.path.exists("/var/tmp/slimchat-pwned.txt")
+
+
+def test_without_bwrap_one_warning_and_evaluation_goes_on():
+    """Where bubblewrap is missing, programs still run (unisolated) and the user is told once why
+    and how to fix it."""
+    code = ("import evaluate as ev\nrs = [ev.run_sandboxed('import random') for _ in range(2)]\n"
+            "print([(r.reason, r.isolated) for r in rs])")
+    env = dict(os.environ, PATH="/nonexistent")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=os.path.dirname(os.path.abspath(ev.__file__)))
+    assert run.stdout.strip() == "[('passed', False), ('passed', False)]", run.stderr
+    assert run.stderr.count("WITHOUT OS isolation (bwrap is not installed)") == 1
+    assert "apt-get install bubblewrap" in run.stderr
 
 
 def test_sandbox_kills_infinite_loop_on_time():
