@@ -453,11 +453,11 @@ def guard(tmp):
         real = os.path.realpath(path)
         return real == tmp or real.startswith(tmp + os.sep)
 
-    def only_inside(name, fn):
-        def checked(path, *args, **kwargs):
-            if not inside(path, kwargs.get("dir_fd")):
+    def only_inside(name, fn, paths=1):   # rename, link and the like take two paths
+        def checked(*args, **kwargs):
+            if not all(inside(path, kwargs.get("dir_fd")) for path in args[:paths]):
                 raise SandboxViolation(f"{name} outside the temp dir")
-            return fn(path, *args, **kwargs)
+            return fn(*args, **kwargs)
         return checked
 
     real_open, real_os_open = builtins.open, os.open
@@ -476,7 +476,8 @@ def guard(tmp):
         for name in ("remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
                      "chmod", "chown", "lchown", "mkdir", "makedirs", "link", "symlink"):
             if hasattr(module, name):
-                setattr(module, name, only_inside(f"os.{name}", getattr(module, name)))
+                two = name in ("rename", "renames", "replace", "link", "symlink")
+                setattr(module, name, only_inside(f"os.{name}", getattr(module, name), 2 if two else 1))
         # not os.register_at_fork: `import random` (tempfile, logging, ...) calls it
         for name in ("system", "popen", "fork", "forkpty", "vfork", "kill", "killpg", "execv", "execve",
                      "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle",
@@ -583,9 +584,8 @@ def bwrap_command():
     if why:
         print(f"warning: generated code (HumanEval) runs WITHOUT OS isolation ({why}); only resource limits "
               "and in-process guards, which a hostile program can undo, stand between it and this machine. "
-              "Install bubblewrap "
-              "(Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap) and let it create "
-              "namespaces (README: the code sandbox).", file=sys.stderr, flush=True)
+              "Install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap) "
+              "and let it create namespaces (README: the code sandbox).", file=sys.stderr, flush=True)
         return None
     return cmd
 
@@ -626,7 +626,7 @@ def run_sandboxed(code, timeout=SANDBOX_TIMEOUT, memory_mb=SANDBOX_MEMORY_MB, is
                                     stderr=err, env=env, pass_fds=(report_w,), start_new_session=True)
             os.close(report_w)
             try:
-                proc.communicate(f"{secret}\n{code}".encode("utf-8", "surrogatepass"), timeout=timeout)
+                proc.communicate(f"{secret}\n{code}".encode("utf-8", "replace"), timeout=timeout)
                 timed_out = False
             except subprocess.TimeoutExpired:
                 timed_out = True

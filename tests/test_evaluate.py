@@ -414,6 +414,8 @@ def test_chat_evals_end_to_end(base_home, mirror, tmp_path, monkeypatch):
         accuracies[name] = ev.run_chat_eval(make(), model, tok, engine, max_problems=3, batch_size=3,
                                             max_new_tokens=12, records=records)
         assert [r["index"] for r in records] == [0, 1, 2] and 0 <= accuracies[name] <= 1
+        if name == "HumanEval":   # each record says why its program passed or failed
+            assert all(r["reason"] == "passed" or not r["verdict"] for r in records)
     assert ev.chatcore(accuracies) is not None
     arc = ev.ARC("ARC-Easy", "test")
     one_by_one = [r["output"] for r in ev.categorical_eval(arc, model, tok, list(range(6)), 1)]

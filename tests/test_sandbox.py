@@ -171,10 +171,10 @@ assert libc.send(fd, b"{NAME}", len(b"{NAME}"), 0) > 0
 real("{HOST}/{NAME}.txt", "w").write("pwned")
 """, ""),
     ("write-os-open-undone", UNDO + "fd = os.open('" + TOUCH + "', os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'x')\n", ""),
-    ("rename-into-host", "import os\nopen('x', 'w').write('x')\nos.rename('x', '" + TOUCH + "')\n", ""),
+    ("rename-into-host", "import os\nopen('x', 'w').write('x')\nos.rename('x', '" + TOUCH + "')\n", "held"),
     ("rename-host-file-undone", UNDO + "os.rename('{HOST}/{NAME}.txt', '{HOST}/{NAME}-moved')\n", ""),
-    ("link-into-host", "import os\nopen('x', 'w').write('x')\nos.link('x', '" + TOUCH + "')\n", ""),
-    ("symlink-into-host", "import os\nos.symlink('x', '" + TOUCH + "')\n", ""),
+    ("link-into-host", "import os\nopen('x', 'w').write('x')\nos.link('x', '" + TOUCH + "')\n", "held"),
+    ("symlink-into-host", "import os\nos.symlink('x', '" + TOUCH + "')\n", "held"),
     ("link-host-file-in-undone", UNDO + "os.link('{HOST}/{NAME}.txt', 'h')\nopen('h', 'w').write('pwned')\n", ""),
     ("delete", "import os\nos.remove('{HOST}/{NAME}.txt')\n", "held"),
     ("delete-undone", UNDO + "os.remove('{HOST}/{NAME}.txt')\n", ""),
