@@ -453,9 +453,9 @@ def guard(tmp):
         real = os.path.realpath(path)
         return real == tmp or real.startswith(tmp + os.sep)
 
-    def only_inside(name, fn, paths=1):   # rename, link and the like take two paths
+    def only_inside(name, fn, paths=1):   # rename, link and the like take two paths (given by position)
         def checked(*args, **kwargs):
-            if not all(inside(path, kwargs.get("dir_fd")) for path in args[:paths]):
+            if len(args) < paths or not all(inside(path, kwargs.get("dir_fd")) for path in args[:paths]):
                 raise SandboxViolation(f"{name} outside the temp dir")
             return fn(*args, **kwargs)
         return checked

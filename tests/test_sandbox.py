@@ -34,6 +34,7 @@ SANDBOX_CASES = [
     ("subprocess", "import subprocess\nsubprocess.run(['ls', '/'])", "blocked: subprocess.run"),
     ("fork", "import os\nwhile True:\n    os.fork()", "blocked: os.fork"),
     ("delete outside", "import os\nos.remove('/etc/hostname')", "blocked: os.remove outside the temp dir"),
+    ("delete outside by keyword", "import os\nos.remove(path='/etc/hostname')", "blocked: os.remove outside"),
     ("rmtree outside", "import shutil\nshutil.rmtree('/usr')", "blocked: shutil.rmtree outside the temp dir"),
     ("socket", "import socket\nsocket.create_connection(('127.0.0.1', 80))", "blocked: import socket"),
     ("swallowed violation", "import os\ntry:\n    os.system('x')\nexcept Exception:\n    pass", "blocked: os.system"),
