@@ -20,6 +20,7 @@ render a task the same way. Importing this file does no work.
 """
 import copy
 import csv
+import functools
 import glob
 import json
 import math
@@ -27,6 +28,7 @@ import os
 import platform
 import random
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -411,27 +413,23 @@ class TaskMixture:
 
 
 # ===========================================================================
-# the code sandbox: generated code runs in a fresh interpreter that guards itself before it runs
-# the program. Not a true security boundary (no seccomp, no namespaces): the rlimits, the
-# wall-clock kill of the whole process group and the throwaway directory are the backstop; the
-# blocked functions make honest mistakes and obvious escapes fail fast with a clear reason.
+# the code sandbox. A program runs in a fresh interpreter inside bubblewrap: its own PID, network,
+# IPC and UTS namespaces (and user namespace unless we are root), the system read-only, a small
+# private /tmp as the only writable place, never as root, under limits on memory, CPU time,
+# processes and output. Without bwrap the same child runs unisolated, after one warning. Inside,
+# a thin in-process layer makes honest mistakes and plain escapes fail fast with a clear reason;
+# it is no boundary (it can be undone), the namespaces are. A program passes only when the harness
+# reports, with a per-run secret the program is never handed, that the whole program returned.
 
 SANDBOX_TIMEOUT = 5.0      # seconds of wall time per program (E, H: 5 s)
 SANDBOX_MEMORY_MB = 256    # address-space limit (E, H: 256 MB)
 SANDBOX_FILE_MB = 16       # largest file (stdout/stderr captures included) the program may write
+SANDBOX_TMP_MB = 64        # size of the program's private /tmp under bwrap
+SANDBOX_USER = 65534       # "nobody": whom the program runs as when the evaluator runs as root
+SANDBOX_PYTHON = os.path.realpath(getattr(sys, "_base_executable", sys.executable))   # not the venv's
 
 SANDBOX_PRELUDE = r'''
 import builtins, io, os, posix, resource, shutil, subprocess, _posixsubprocess, sys
-program, tmp, memory, cpu, fsize = sys.argv[1], os.path.realpath(sys.argv[2]), *map(int, sys.argv[3:6])
-with open(program) as f:
-    code = compile(f.read(), "program.py", "exec")
-if memory > 0:   # macOS does not enforce RLIMIT_AS
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))   # binds non-root users only; hence the blocks below
-exit_now, stderr = os._exit, sys.stderr
 
 class SandboxViolation(BaseException):   # BaseException: a bare `except Exception` cannot swallow it
     pass
@@ -441,123 +439,218 @@ def refuse(name):
         raise SandboxViolation(name)
     return refused
 
-def inside(path, dir_fd=None):
-    if not isinstance(path, (str, bytes, os.PathLike)):
-        return False
-    path = os.fsdecode(path)
-    if dir_fd is not None:   # shutil.rmtree works relative to open directories (Linux: /proc names them)
-        try:
-            path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
-        except OSError:
+def guard(tmp):
+    """Second layer: refuse process and network functions, writes outside tmp, and such imports."""
+    def inside(path, dir_fd=None):
+        if not isinstance(path, (str, bytes, os.PathLike)):
             return False
-    real = os.path.realpath(path)
-    return real == tmp or real.startswith(tmp + os.sep)
+        path = os.fsdecode(path)
+        if dir_fd is not None:   # shutil.rmtree works relative to open directories (Linux: /proc names them)
+            try:
+                path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+            except OSError:
+                return False
+        real = os.path.realpath(path)
+        return real == tmp or real.startswith(tmp + os.sep)
 
-def only_inside(name, fn):
-    def checked(path, *args, **kwargs):
-        if not inside(path, kwargs.get("dir_fd")):
-            raise SandboxViolation(f"{name} outside the temp dir")
-        return fn(path, *args, **kwargs)
-    return checked
+    def only_inside(name, fn, paths=1):   # rename, link and the like take two paths (given by position)
+        def checked(*args, **kwargs):
+            if len(args) < paths or not all(inside(path, kwargs.get("dir_fd")) for path in args[:paths]):
+                raise SandboxViolation(f"{name} outside the temp dir")
+            return fn(*args, **kwargs)
+        return checked
 
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-def guarded_open(file, mode="r", *args, **kwargs):
-    if isinstance(file, int) or not any(c in mode for c in "wax+") or inside(file):
-        return real_open(file, mode, *args, **kwargs)
-    raise SandboxViolation("writing outside the temp dir")
-def guarded_os_open(path, flags, *args, **kwargs):
-    if flags & WRITE_FLAGS and not inside(path, kwargs.get("dir_fd")):
+    real_open, real_os_open = builtins.open, os.open
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, int) or not any(c in mode for c in "wax+") or inside(file):
+            return real_open(file, mode, *args, **kwargs)
         raise SandboxViolation("writing outside the temp dir")
-    return real_os_open(path, flags, *args, **kwargs)
-real_open, real_os_open = builtins.open, os.open
-builtins.open = io.open = guarded_open
-for module in (os, posix):
-    module.open = guarded_os_open
-    for name in ("remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
-                 "chmod", "chown", "lchown", "mkdir", "makedirs", "link", "symlink"):
-        if hasattr(module, name):
-            setattr(module, name, only_inside(f"os.{name}", getattr(module, name)))
-    for name in ("system", "popen", "fork", "forkpty", "vfork", "kill", "killpg", "execv", "execve",
-                 "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle",
-                 "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn",
-                 "posix_spawnp", "putenv", "unsetenv", "setuid", "setgid", "seteuid", "setegid",
-                 "chroot", "fchdir", "fchmod", "fchown", "register_at_fork"):
-        if hasattr(module, name):
-            setattr(module, name, refuse(f"os.{name}"))
-for name in ("rmtree", "move", "chown"):
-    setattr(shutil, name, only_inside(f"shutil.{name}", getattr(shutil, name)))
-for name in ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
-    setattr(subprocess, name, refuse(f"subprocess.{name}"))
-_posixsubprocess.fork_exec = refuse("subprocess")
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if flags & write_flags and not inside(path, kwargs.get("dir_fd")):
+            raise SandboxViolation("writing outside the temp dir")
+        return real_os_open(path, flags, *args, **kwargs)
+    builtins.open = io.open = guarded_open
+    for module in (os, posix):
+        module.open = guarded_os_open
+        for name in ("remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
+                     "chmod", "chown", "lchown", "mkdir", "makedirs", "link", "symlink"):
+            if hasattr(module, name):
+                two = name in ("rename", "renames", "replace", "link", "symlink")
+                setattr(module, name, only_inside(f"os.{name}", getattr(module, name), 2 if two else 1))
+        # not os.register_at_fork: `import random` (tempfile, logging, ...) calls it
+        for name in ("system", "popen", "fork", "forkpty", "vfork", "kill", "killpg", "execv", "execve",
+                     "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle",
+                     "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn",
+                     "posix_spawnp", "setuid", "setgid", "seteuid", "setegid", "chroot", "fchdir", "fchmod",
+                     "fchown"):
+            if hasattr(module, name):
+                setattr(module, name, refuse(f"os.{name}"))
+    for name in ("rmtree", "move", "chown"):
+        setattr(shutil, name, only_inside(f"shutil.{name}", getattr(shutil, name)))
+    for name in ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
+        setattr(subprocess, name, refuse(f"subprocess.{name}"))
+    _posixsubprocess.fork_exec = refuse("subprocess")
 
-BLOCKED_IMPORTS = {"socket", "_socket", "ssl", "ctypes", "_ctypes", "multiprocessing",
-                   "_multiprocessing", "pty", "resource", "urllib", "http", "ftplib", "smtplib"}
-class ImportBlocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED_IMPORTS:
-            raise SandboxViolation(f"import {name}")
-        return None
-for name in list(sys.modules):
-    if name.split(".")[0] in BLOCKED_IMPORTS:
-        del sys.modules[name]
-sys.meta_path.insert(0, ImportBlocker())
+    blocked = {"socket", "_socket", "ssl", "ctypes", "_ctypes", "multiprocessing", "_multiprocessing", "pty",
+               "resource", "urllib", "http", "ftplib", "smtplib"}
+    class ImportBlocker:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in blocked:
+                raise SandboxViolation(f"import {name}")
+            return None
+    for name in list(sys.modules):
+        if name.split(".")[0] in blocked:
+            del sys.modules[name]
+    sys.meta_path.insert(0, ImportBlocker())
 
-def verdict(kind, detail, status):
-    stderr.write(f"\nSANDBOX-RESULT {kind}: {detail}\n")
-    stderr.flush()
-    exit_now(status)
+def harness(report_fd, user, memory, cpu, fsize):
+    # stdin brings the run's secret, then the program; the program itself gets an empty stdin
+    secret, _, source = sys.stdin.buffer.read().decode("utf-8").partition("\n")
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    if user >= 0:   # not root: RLIMIT_NPROC binds, and no host file or process is the program's own
+        os.setgroups([])
+        os.setgid(user)
+        os.setuid(user)
+    if memory > 0:   # macOS does not enforce RLIMIT_AS
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))   # SIGXCPU at cpu seconds, SIGKILL a second later
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))   # no new processes or threads
+    os.set_inheritable(report_fd, False)
+    # bound now: the program may replace them (and any global of this module)
+    write, exit_now, flush, violation = os.write, os._exit, sys.stdout.flush, SandboxViolation
 
-try:
-    exec(code, {"__name__": "__main__", "__builtins__": builtins})
-except SandboxViolation as e:
-    verdict("blocked", e, 3)
-except MemoryError:
-    verdict("memory", "MemoryError", 4)
-except SystemExit as e:
-    if e.code not in (None, 0):
-        verdict("error", f"SystemExit: {e.code}", 1)
-except BaseException as e:
-    verdict("error", f"{type(e).__name__}: {e}"[:300], 1)
-sys.stdout.flush()
-exit_now(0)
+    def report(kind, detail=""):
+        try:
+            flush()
+        except BaseException:
+            pass
+        try:
+            write(report_fd, f"{secret} {kind}: {detail}"[:500].encode("utf-8", "replace"))
+        except OSError:   # the program closed or replaced the report fd: no report, so no pass
+            pass
+        exit_now(0 if kind == "passed" else 1)
+
+    guard(os.getcwd())
+    try:
+        exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
+    except violation as e:
+        report("blocked", e)
+    except MemoryError:
+        report("memory", "MemoryError")
+    except SystemExit as e:
+        report("exited", f"SystemExit({e.code!r}) before the tests returned")
+    except BaseException as e:
+        report("error", f"{type(e).__name__}: {e}")
+    report("passed")
+
+harness(*map(int, sys.argv[1:6]))
 '''
+
+
+@functools.lru_cache(maxsize=None)
+def bwrap_command():
+    """bubblewrap's command line for the sandbox, or None (with one warning) where it cannot run.
+    As root there is no user namespace: bwrap would map the program to the host's root, for whom
+    RLIMIT_NPROC does not bind; the harness becomes nobody instead. A Python outside /usr (pyenv,
+    conda) is bound where it lives, below directories made traversable for nobody."""
+    bwrap = shutil.which("bwrap")
+    cmd = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
+           "--clearenv", "--ro-bind", "/usr", "/usr", "--ro-bind-try", "/etc", "/etc"]
+    cmd += [] if os.geteuid() == 0 else ["--unshare-user"]
+    for path in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):
+        if os.path.islink(path):
+            cmd += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            cmd += ["--ro-bind", path, path]
+    prefix = os.path.dirname(os.path.dirname(SANDBOX_PYTHON))   # .../bin/python3.11 -> ...
+    if not (prefix + "/").startswith("/usr/"):
+        parents, parent = [], os.path.dirname(prefix)
+        while parent != "/":
+            parents, parent = [parent] + parents, os.path.dirname(parent)
+        for parent in parents:
+            cmd += ["--perms", "0755", "--dir", parent]
+        cmd += ["--ro-bind", prefix, prefix]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(SANDBOX_TMP_MB * 2**20),
+            "--tmpfs", "/tmp", "--chdir", "/tmp", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
+            "--setenv", "TMPDIR", "/tmp"]
+    why = "bwrap is not installed" if not bwrap else None
+    if bwrap:
+        probe = subprocess.run(cmd + [SANDBOX_PYTHON, "-I", "-S", "-c", "import os"], capture_output=True,
+                               text=True, env={}, timeout=60)
+        why = probe.returncode and f"bwrap failed here: {probe.stderr.strip()[:200]}"
+    if why:
+        print(f"warning: generated code (HumanEval) runs WITHOUT OS isolation ({why}); only resource limits "
+              "and in-process guards, which a hostile program can undo, stand between it and this machine. "
+              "Install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap) "
+              "and let it create namespaces (README: the code sandbox).", file=sys.stderr, flush=True)
+        return None
+    return cmd
 
 
 @dataclass
 class SandboxResult:
     passed: bool
-    reason: str            # "passed", "timeout", "memory", "blocked: ...", "error: ...", "killed: ..."
+    reason: str            # "passed", "timeout ...", "memory", "blocked: ...", "error: ...", "exited: ...", "killed: ..."
     stdout: str = ""
     stderr: str = ""
+    isolated: bool = True  # ran under bubblewrap
+
+    def __bool__(self):
+        return self.passed
 
 
-def run_sandboxed(code, timeout=SANDBOX_TIMEOUT, memory_mb=SANDBOX_MEMORY_MB):
-    """Run a Python program in a guarded child process; never raises for anything the program does."""
+def run_sandboxed(code, timeout=SANDBOX_TIMEOUT, memory_mb=SANDBOX_MEMORY_MB, isolated=True):
+    """Run a Python program in a sandboxed child process; never raises for anything the program does.
+    isolated=False skips bubblewrap (the tests use it to see what the fallback holds)."""
+    bwrap = bwrap_command() if isolated else None
+    secret = secrets.token_hex(16)
+    memory = memory_mb * 2**20 if sys.platform.startswith("linux") else 0
+    limits = [str(memory), str(math.ceil(timeout) + 1), str(SANDBOX_FILE_MB * 2**20)]
+    # root runs the program as nobody, unisolated too if nobody can reach this Python's files
+    user = SANDBOX_USER if os.geteuid() == 0 and (bwrap or others_can_enter(SANDBOX_PYTHON)) else -1
+    report_r, report_w = os.pipe()
     with tempfile.TemporaryDirectory(prefix="slimchat-sandbox-") as tmp:
-        program = os.path.join(tmp, "program.py")
-        with open(program, "w", encoding="utf-8") as f:
-            f.write(code)
-        memory = memory_mb * 2**20 if sys.platform.startswith("linux") else 0
-        argv = [sys.executable, "-I", "-S", "-c", SANDBOX_PRELUDE, program, tmp, str(memory),
-                str(math.ceil(timeout) + 1), str(SANDBOX_FILE_MB * 2**20)]
+        work = os.path.join(tmp, "work")   # the program's cwd without bwrap (a tmpfs /tmp with it)
+        os.mkdir(work)
+        if user >= 0:
+            os.chmod(tmp, 0o711)
+            os.chown(work, user, user)
+        argv = [SANDBOX_PYTHON, "-I", "-S", "-c", SANDBOX_PRELUDE, str(report_w), str(user), *limits]
+        env = {} if bwrap else {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work}
         # stdout/stderr go to files, not pipes: RLIMIT_FSIZE then also caps a program that prints forever
         with open(os.path.join(tmp, "stdout"), "w+b") as out, open(os.path.join(tmp, "stderr"), "w+b") as err:
-            proc = subprocess.Popen(argv, cwd=tmp, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    env={"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp},
-                                    start_new_session=True)
+            proc = subprocess.Popen((bwrap or []) + argv, cwd=work, stdin=subprocess.PIPE, stdout=out,
+                                    stderr=err, env=env, pass_fds=(report_w,), start_new_session=True)
+            os.close(report_w)
             try:
-                proc.wait(timeout=timeout)
+                proc.communicate(f"{secret}\n{code}".encode("utf-8", "replace"), timeout=timeout)
                 timed_out = False
             except subprocess.TimeoutExpired:
                 timed_out = True
             kill_group(proc)
             out.seek(0), err.seek(0)
             stdout, stderr = (f.read()[-4096:].decode("utf-8", "replace") for f in (out, err))
-    return SandboxResult(*sandbox_verdict(proc.returncode, stderr, timed_out, timeout), stdout, stderr)
+    os.set_blocking(report_r, False)
+    with open(report_r, "rb") as f:
+        report = (f.read(65536) or b"").decode("utf-8", "replace")
+    report = report.partition(f"{secret} ")[2] if secret in report else ""   # anything else is forged
+    passed, reason = sandbox_verdict(proc.returncode, report, timed_out, timeout)
+    return SandboxResult(passed, reason, stdout, stderr, bwrap is not None)
+
+
+def others_can_enter(path):
+    """Whether other users may pass through every directory above path (pyenv under /root: no)."""
+    parent = os.path.dirname(path)
+    while parent != "/" and os.stat(parent).st_mode & 0o001:
+        parent = os.path.dirname(parent)
+    return parent == "/"
 
 
 def kill_group(proc):
-    """SIGKILL the child's whole session, so nothing it started outlives it."""
+    """SIGKILL the child's whole session (under bwrap the PID namespace then takes everything with it)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -565,21 +658,23 @@ def kill_group(proc):
     proc.wait()
 
 
-def sandbox_verdict(returncode, stderr, timed_out, timeout):
-    """(passed, reason) from how the child ended."""
+def sandbox_verdict(returncode, report, timed_out, timeout):
+    """(passed, reason) from the harness's report ("kind: detail") and how the child ended."""
+    kind, _, detail = report.partition(": ")
     if timed_out:
         return False, f"timeout after {timeout:g}s"
-    if returncode == 0:
+    if kind == "passed" and returncode == 0:
         return True, "passed"
-    marker = stderr.rfind("SANDBOX-RESULT ")
-    if marker >= 0:
-        kind, _, detail = stderr[marker + len("SANDBOX-RESULT "):].strip().partition(": ")
-        return False, "memory" if kind == "memory" else f"{kind}: {detail}"
-    if returncode < 0:
-        name = signal.Signals(-returncode).name
+    if kind == "memory":
+        return False, "memory"
+    if kind and kind != "passed":
+        return False, f"{kind}: {detail}"
+    signum = -returncode if returncode < 0 else returncode - 128   # bwrap exits 128 + the signal's number
+    if signum in {s.value for s in signal.Signals}:
         meaning = {"SIGXCPU": "cpu time limit", "SIGXFSZ": "output too large", "SIGKILL": "killed"}
+        name = signal.Signals(signum).name
         return False, f"killed: {meaning.get(name, name)}"
-    return False, f"error: exit code {returncode}"
+    return False, f"exited: status {returncode} before the tests returned"
 
 
 # ===========================================================================
@@ -638,10 +733,15 @@ def generative_eval(task, tokenizer, engine, indices, num_samples, max_new_token
         sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
                                              temperature=temperature, top_k=top_k, seed=SHUFFLE_SEED + i)
         outputs = [tokenizer.decode(seq[len(prompt):]) for seq in sequences]
-        verdicts = [bool(task.evaluate(conversation, out)) for out in outputs]
+        grade = getattr(task, "check", task.evaluate)   # HumanEval's check also says why (a SandboxResult)
+        results = [grade(conversation, out) for out in outputs]
+        verdicts = [bool(r) for r in results]
         records.append({"index": i, "prompt": tokenizer.decode(prompt),
                         "output": outputs[0] if num_samples == 1 else outputs,
                         "verdict": any(verdicts), "passes": sum(verdicts)})
+        if isinstance(results[0], SandboxResult):   # HumanEval: why each program passed or failed
+            reasons = [r.reason for r in results]
+            records[-1]["reason"] = reasons[0] if num_samples == 1 else reasons
     return records
 
 
@@ -841,36 +941,44 @@ def load_core_data(bundle, filename):
 
 
 def core_texts(item, shots, kind, delimiter):
-    """The texts to score for one item, each as (prefix, continuation)."""
+    """The prompts the reference renders for one item (REFERENCE §14.1): shots, each followed by a blank
+    line, then the item. MC: one prompt per choice; schema: one per context option; LM: the prompt
+    without its continuation, stripped, then with it. Data is used as it is, except that LM contexts
+    are stripped at both ends (Jinja's `trim`), so a context ending in a space does not put a second
+    space before the continuation."""
     if kind == "multiple_choice":
         context = "".join(f"{s['query']}{delimiter}{s['choices'][s['gold']]}\n\n" for s in shots)
-        return [(context + item["query"] + delimiter, choice) for choice in item["choices"]]
+        return [context + item["query"] + delimiter + choice for choice in item["choices"]]
     if kind == "schema":
         context = "".join(f"{s['context_options'][s['gold']]}{delimiter}{s['continuation']}\n\n" for s in shots)
-        return [(context + option + delimiter, item["continuation"]) for option in item["context_options"]]
+        return [context + option + delimiter + item["continuation"] for option in item["context_options"]]
     if kind == "language_modeling":
-        context = "".join(f"{s['context']}{delimiter}{s['continuation']}\n\n" for s in shots)
-        return [(context + item["context"] + delimiter, item["continuation"])]
+        context = "".join(f"{s['context'].strip()}{delimiter}{s['continuation']}\n\n" for s in shots)
+        prompt = context + item["context"].strip() + delimiter
+        return [prompt.strip(), prompt + item["continuation"]]
     raise ValueError(f"unknown CORE task type {kind!r}")
 
 
-def core_spans(tokenizer, texts, kind):
-    """Token sequences (BOS first) and the [start, end) span of each one's continuation tokens.
-    MC options share their prefix: the continuation starts where they diverge. Schema options share
-    their ending: it is the longest common suffix. LM: the continuation follows the prefix, whose
-    trailing whitespace is stripped so the delimiter's space joins the first continuation token."""
-    bos = [tokenizer.bos_id]
-    if kind == "language_modeling":
-        prefix, continuation = texts[0]
-        short, full = bos + tokenizer.encode(prefix.rstrip()), bos + tokenizer.encode(prefix + continuation)
-        return [full], [(min(len(short), len(full) - 1), len(full))]
-    seqs = [bos + tokenizer.encode(p + c) for p, c in texts]
+def common_length(seqs, step):
+    """How many leading (step 1) or trailing (step -1) tokens every sequence shares."""
     shortest = min(map(len, seqs))
+    positions = range(shortest) if step == 1 else range(-1, -shortest - 1, -1)
+    return next((k for k, p in enumerate(positions) if len({s[p] for s in seqs}) > 1), shortest)
+
+
+def core_spans(tokenizer, texts, kind):
+    """Token sequences (BOS first) and the [start, end) span of each one's continuation tokens, as the
+    reference finds them. MC: the tokens after the prefix all choices share. Schema: the suffix all
+    options share. LM: the tokens after the stripped prompt without the continuation (a prefix of
+    the full prompt, except in tokenizations the reference would assert on: then where they part)."""
+    seqs = [[tokenizer.bos_id] + tokenizer.encode(text) for text in texts]
+    if kind == "language_modeling":
+        full = seqs[1]
+        return [full], [(min(common_length(seqs, 1), len(full) - 1), len(full))]
     if kind == "multiple_choice":
-        common = next((k for k in range(shortest) if len({s[k] for s in seqs}) > 1), shortest)
+        common = common_length(seqs, 1)
         return seqs, [(min(common, len(s) - 1), len(s)) for s in seqs]
-    first_diff = next((k for k in range(1, shortest) if len({s[-k] for s in seqs}) > 1), shortest)
-    suffix = max(1, first_diff - 1)
+    suffix = max(1, min(common_length(seqs, -1), min(map(len, seqs)) - 1))
     return seqs, [(len(s) - suffix, len(s)) for s in seqs]
 
 
@@ -897,17 +1005,18 @@ def core_item_correct(model, tokenizer, item, shots, kind, delimiter):
     seqs, spans = core_spans(tokenizer, texts, kind)
     scores = score_spans(model, seqs, spans, tokenizer.bos_id)
     if kind == "language_modeling":
-        return scores[0][1], texts[0][1]
+        return scores[0][1], item["continuation"]
     choice = min(range(len(scores)), key=lambda k: scores[k][0])
     options = item["choices"] if kind == "multiple_choice" else item["context_options"]
     return choice == item["gold"], options[choice]
 
 
 def core_task_accuracy(model, tokenizer, data, kind, num_shots, delimiter, max_per_task=-1, records=None):
-    """Accuracy over the first max_per_task items of shuffled `data`, split across ranks. Shots come
-    from the whole task (never the item itself)."""
+    """Accuracy over the first max_per_task items of shuffled `data`, split across ranks. As in the
+    reference, the task is cut first and shots come from what is left (never the item itself)."""
     rank, world = dist_rank_world()
-    n = len(data) if max_per_task < 0 else min(len(data), max_per_task)
+    data = data if max_per_task < 0 else data[:max_per_task]
+    n = len(data)
     mine = []
     for i in range(rank, n, world):
         # positions among the other items; position p >= i is item p + 1 (no O(n) list per item)

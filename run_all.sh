@@ -33,6 +33,15 @@ install_browser() {
     fi
 }
 
+# HumanEval's code sandbox isolates programs with bubblewrap; install it likewise, so the tests
+# exercise the isolated path (without it they test the unisolated fallback and skip the rest).
+install_bwrap() {
+    if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) \
+            || echo "warning: could not install bubblewrap; the sandbox's isolation tests will be skipped"
+    fi
+}
+
 # ---------------------------------------------------------------------------
 # pipeline plumbing
 # Each finished step leaves a stamp in $SLIMCHAT_HOME/run_all/, so re-running the script after a
@@ -70,6 +79,7 @@ case "$preset" in
 test)
     setup_venv requirements-test.txt
     install_browser
+    install_bwrap
     python -m pytest -q "${@:2}"
     ;;
 

@@ -1,6 +1,6 @@
 """
-Tests of evaluate.py: task rendering and graders on hand-made answers, the code sandbox against
-hostile programs, CORE scoring on a stub model with hand-computed accuracies, bits per byte, the
+Tests of evaluate.py: task rendering and graders on hand-made answers (the code sandbox has its own
+file, test_sandbox.py), CORE scoring on a stub model with hand-computed accuracies, bits per byte, the
 report card, and the CLI end to end on a tiny model against the offline mirror.
 """
 import json
@@ -191,55 +191,6 @@ def test_training_tasks_have_no_grader(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# the sandbox
-
-SANDBOX_CASES = [
-    ("correct", "def f(x):\n    return x + 1\nassert f(1) == 2\nprint('ok')", "passed"),
-    ("wrong answer", "assert 1 + 1 == 3", "error: AssertionError"),
-    ("exception", "raise KeyError('boom')", "error: KeyError"),
-    ("10 GB allocation", "x = bytearray(10 * 1024**3)", "memory"),
-    ("growing list", "a = []\nwhile True:\n    a.append(' ' * 10**6)", "memory"),
-    ("os.system", "import os\nos.system('echo pwned')", "blocked: os.system"),
-    ("subprocess", "import subprocess\nsubprocess.run(['ls', '/'])", "blocked: subprocess.run"),
-    ("fork bomb", "import os\nwhile True:\n    os.fork()", "blocked: os.fork"),
-    ("delete outside", "import os\nos.remove(os.path.expanduser('/etc/hostname'))",
-     "blocked: os.remove outside the temp dir"),
-    ("rmtree outside", "import shutil\nshutil.rmtree('/usr')", "blocked: shutil.rmtree outside the temp dir"),
-    ("socket", "import socket\nsocket.create_connection(('127.0.0.1', 80))", "blocked: import socket"),
-    ("swallowed violation", "import os\ntry:\n    os.system('x')\nexcept Exception:\n    pass",
-     "blocked: os.system"),
-    ("write outside", "open('/tmp/slimchat-pwned.txt', 'w').write('x')", "blocked: writing outside the temp dir"),
-]
-
-
-@pytest.mark.parametrize("name,code,reason", SANDBOX_CASES, ids=[c[0] for c in SANDBOX_CASES])
-def test_sandbox(name, code, reason):
-    """Every hostile or broken program fails fast with its reason; only the correct one passes."""
-    t0 = time.time()
-    result = ev.run_sandboxed(code, timeout=3.0)
-    assert result.reason.startswith(reason), (result.reason, result.stderr)
-    assert result.passed == (reason == "passed")
-    assert time.time() - t0 < 2.5
-    assert not os.path.exists("/tmp/slimchat-pwned.txt")
-
-
-def test_sandbox_kills_infinite_loop_on_time():
-    t0 = time.time()
-    result = ev.run_sandboxed("while True:\n    pass", timeout=1.0)
-    assert (result.passed, result.reason) == (False, "timeout after 1s")
-    assert time.time() - t0 < 2.0
-
-
-def test_sandbox_scratch_files_stay_inside():
-    """Writing and deleting inside the temp dir (its cwd) is allowed; the env is scrubbed
-    (LC_CTYPE is set by Python's own locale coercion)."""
-    code = ("import os, shutil\nopen('a.txt', 'w').write('x')\nos.remove('a.txt')\n"
-            "os.makedirs('d/e')\nopen('d/e/f', 'w').write('x')\nshutil.rmtree('d')\n"
-            "assert 'SLIMCHAT_HOME' not in os.environ and set(os.environ) <= {'PATH', 'HOME', 'TMPDIR', 'LC_CTYPE'}")
-    assert ev.run_sandboxed(code).reason == "passed"
-
-
-# ---------------------------------------------------------------------------
 # CORE and bits per byte on stub models
 
 class CopyModel(torch.nn.Module):
@@ -288,6 +239,48 @@ def test_core_on_a_stub_model_matches_hand_computed_scores(tmp_path):
     assert got == {"mc": round(2 / 3, 6), "schema": round(1 / 3, 6), "lm": 0.25}
     assert result["CORE"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 4) / 3)
     assert sum(r["verdict"] for r in records["mc"]) == 3 and len(records["lm"]) == 4
+
+
+CORE_RENDER_CASES = [
+    # (kind, delimiter, shots, item, expected prompts, expected continuation text of each)
+    ("multiple_choice", "\nAnswer: ", [{"query": " Q1?", "choices": ["no ", "yes"], "gold": 0}],
+     {"query": "Capital of France? ", "choices": ["Paris", " Lyon "], "gold": 0},
+     [" Q1?\nAnswer: no \n\nCapital of France? \nAnswer: Paris",
+      " Q1?\nAnswer: no \n\nCapital of France? \nAnswer:  Lyon "], ["Paris", " Lyon "]),
+    ("schema", " ", [{"context_options": ["A dog ", "A cat"], "continuation": "barks.", "gold": 0}],
+     {"context_options": ["The trophy", " The case"], "continuation": " was too big. ", "gold": 0},
+     ["A dog  barks.\n\nThe trophy  was too big. ", "A dog  barks.\n\n The case  was too big. "],
+     ["  was too big. ", "  was too big. "]),
+    ("language_modeling", " ", [{"context": "  The sky is ", "continuation": "blue"}],
+     {"context": "\tGrass is ", "continuation": "green "},
+     ["The sky is blue\n\nGrass is", "The sky is blue\n\nGrass is green "], [" green "]),
+    ("language_modeling", "\nAnswer: ", [], {"context": "Q: 2+2? ", "continuation": "4"},
+     ["Q: 2+2?\nAnswer:", "Q: 2+2?\nAnswer: 4"], [" 4"]),
+]
+
+
+@pytest.mark.parametrize("kind,delimiter,shots,item,prompts,continuations", CORE_RENDER_CASES,
+                         ids=[c[0] + repr(c[1]) for c in CORE_RENDER_CASES])
+def test_core_prompts_and_spans_match_the_reference(kind, delimiter, shots, item, prompts, continuations):
+    """Prompts are rendered as the reference's templates render them (REFERENCE §14.1): data kept as
+    it is, except LM contexts, which are stripped at both ends, and the LM prompt without its
+    continuation, stripped as a whole. The scored span is what follows the choices' common prefix
+    (MC), the options' common suffix (schema) or the stripped prompt (LM)."""
+    tok = bpe.Tokenizer.train(["x"], 265)            # bytes only: one character = one token
+    assert ev.core_texts(item, shots, kind, delimiter) == prompts
+    seqs, spans = ev.core_spans(tok, prompts, kind)
+    assert [tok.decode(s[a:b]) for s, (a, b) in zip(seqs, spans)] == continuations
+    assert all(s[0] == tok.bos_id and tok.decode(s[1:]) in prompts for s in seqs)
+
+
+def test_core_lm_continuation_is_one_clean_token_span():
+    """With real merges, a context ending in a space must not leave a stray space token: the scored
+    span is exactly the tokens of " green", as in the reference (slimchat used to score "  green")."""
+    tok = bpe.Tokenizer.train(["Grass is green. The sky is blue. " * 50], 300)
+    item = {"context": "Grass is ", "continuation": "green"}
+    seqs, spans = ev.core_spans(tok, ev.core_texts(item, [], "language_modeling", " "), "language_modeling")
+    (start, end), = spans
+    assert seqs[0][start:end] == tok.encode(" green") and len(tok.encode(" green")) == 1
 
 
 def test_core_bundle_unzips_atomically_and_refuses_escapes(hub, tmp_path, monkeypatch):
@@ -421,6 +414,8 @@ def test_chat_evals_end_to_end(base_home, mirror, tmp_path, monkeypatch):
         accuracies[name] = ev.run_chat_eval(make(), model, tok, engine, max_problems=3, batch_size=3,
                                             max_new_tokens=12, records=records)
         assert [r["index"] for r in records] == [0, 1, 2] and 0 <= accuracies[name] <= 1
+        if name == "HumanEval":   # each record says why its program passed or failed
+            assert all(r["reason"] == "passed" or not r["verdict"] for r in records)
     assert ev.chatcore(accuracies) is not None
     arc = ev.ARC("ARC-Easy", "test")
     one_by_one = [r["output"] for r in ev.categorical_eval(arc, model, tok, list(range(6)), 1)]
