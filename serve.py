@@ -397,6 +397,7 @@ class Job:
     def __init__(self, ids, max_new, settings, seed, index, out):
         self.ids, self.max_new, self.settings, self.seed, self.index, self.out = ids, max_new, settings, seed, index, out
         self.cancelled = False   # set by the request's thread: its client left, or a stop string ended it
+        self.admitted = False    # set by the worker when the job takes a row (under the worker's lock)
 
 
 class Worker:
@@ -450,9 +451,10 @@ class Worker:
                 job = self.inbox.get(block=not self.decoder.rows)
             except queue.Empty:
                 return
-            if job.cancelled:
-                self.finish(job, None)
-                continue
+            with self.lock:
+                if job.cancelled:   # its client left while it waited: Generation.cancel already counted it out
+                    continue
+                job.admitted = True
             s = job.settings
             try:
                 row = self.decoder.add(job.ids, job.max_new, float(s["temperature"]), s["top_k"], s["top_p"],
@@ -538,8 +540,13 @@ class Generation:
         return self.replies
 
     def cancel(self):
-        for job in self.jobs:
-            job.cancelled = True
+        """Stop every reply: a running one leaves its row at the worker's next step; a waiting one
+        gives its place in the queue back now."""
+        with self.worker.lock:
+            for job in self.jobs:
+                if not job.admitted and not job.cancelled:
+                    self.worker.in_flight -= 1
+                job.cancelled = True
 
 
 def peer_closed(sock):

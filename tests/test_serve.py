@@ -393,7 +393,8 @@ def stream_text(sock, received, length):
 def test_concurrent_replies_share_one_worker_and_match_alone(served, tmp_path):
     """Four replies stream at once on one worker (four rows of its batch); each is the reply it
     gets alone (greedy, seeded, top-p). A fifth waits in the queue; a sixth, with the queue full,
-    gets a 503; the waiting one is served when a row frees."""
+    gets a 503; a waiting client that leaves gives its place back at once; a waiting one is served
+    when a row frees."""
     _, app, _ = served
     engine = app.pool.workers[0].engine   # the same weights on a second worker: inference only reads them
     solo = serve.App(app.tokenizer, [serve.Worker(0, engine, "cpu", 4, 1)], {"stage": "sft", "step": 0},
@@ -408,15 +409,27 @@ def test_concurrent_replies_share_one_worker_and_match_alone(served, tmp_path):
         streams = [open_stream(port, "/chat/completions", chat("hello", max_tokens=4000, **extra))
                    for extra in settings]
         assert request(port, "GET", "/stats")[1]["rows"] == 4
+
+        def waiting_count(want):
+            deadline = time.time() + 10
+            while request(port, "GET", "/stats")[1]["waiting"] != want and time.time() < deadline:
+                time.sleep(0.05)
+            return request(port, "GET", "/stats")[1]["waiting"]
+
+        data = json.dumps(chat("leaving")).encode()
+        leaver = socket.create_connection(("127.0.0.1", port), timeout=30)
+        leaver.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                       + data)
+        assert waiting_count(1) == 1
+        status, body = request(port, "POST", "/v1/chat/completions", chat("one too many"))
+        assert status == 503 and "full" in body["error"]["message"]
+        leaver.close()
+        assert waiting_count(0) == 0    # every row is still taken
         waiting = threading.Thread(target=lambda: results.append(
             request(port, "POST", "/chat/completions", chat("queued", max_tokens=3))))
         results = []
         waiting.start()
-        deadline = time.time() + 10
-        while request(port, "GET", "/stats")[1]["waiting"] != 1 and time.time() < deadline:
-            time.sleep(0.05)
-        status, body = request(port, "POST", "/v1/chat/completions", chat("one too many"))
-        assert status == 503 and "full" in body["error"]["message"]
+        assert waiting_count(1) == 1
         for (sock, received), want in zip(streams, alone):
             assert stream_text(sock, received, len(want)).startswith(want)
         assert not results   # still waiting: every row is taken
