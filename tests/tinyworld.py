@@ -409,8 +409,9 @@ def build_pretraining(out_dir, seed, world, sizes):
     for filename, num_docs in shards + [(VAL_SHARD, sizes["val_docs"])]:
         rng = random.Random(f"tinyworld-{seed}-{filename}")
         texts = [make_document(rng, world) for _ in range(num_docs)]
-        write_table(hub_path(out_dir, PRETRAIN_REPO, filename), pa.table({"text": texts}),
-                    sizes["row_group_size"])
+        # marked as ours, so the report card and serve.py can say the model learned this world
+        table = pa.table({"text": texts}).replace_schema_metadata({"slimchat_source": "tinyworld"})
+        write_table(hub_path(out_dir, PRETRAIN_REPO, filename), table, sizes["row_group_size"])
 
 
 # ---------------------------------------------------------------------------
