@@ -362,27 +362,48 @@ def conversation_problem(messages):
     return None
 
 
+OWN_MESSAGE_CHARS = 100_000   # longer messages of --data are cropped at load: no row holds more (2,048 tokens are
+                              # about 10,000 chars), and rendering a 50 MB message took 9 s, every epoch
+
+
 class CustomJSON(Task):
     """Conversations from a JSONL file: one JSON list of {role, content} messages a line (E's identity
-    file) or one {"messages": [...]} object a line. Every line is checked when the file is loaded."""
+    file) or one {"messages": [...]} object a line. Every line is checked when the file is loaded;
+    a message over OWN_MESSAGE_CHARS is cropped to it, and the crops reported once."""
 
     def __init__(self, path):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        rows, cropped = [], []
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path} line {lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                                     f"{e.start + 1} of the line); save the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
                     data = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path} line {lineno}: not valid JSON ({e})") from None
+                except RecursionError:
+                    raise ValueError(f"{path} line {lineno}: JSON nested too deeply to read; a conversation "
+                                     "is a flat list of {role, content} messages") from None
                 messages = data.get("messages") if isinstance(data, dict) else data
                 problem = conversation_problem(messages)
                 if problem:
                     raise ValueError(f"{path} line {lineno}: {problem}")
+                for k, m in enumerate(messages):
+                    if len(m["content"]) > OWN_MESSAGE_CHARS:
+                        cropped.append((lineno, k, len(m["content"])))
+                        messages[k] = dict(m, content=m["content"][:OWN_MESSAGE_CHARS])
                 rows.append({"messages": messages})
         if not rows:
             raise ValueError(f"{path} holds no conversations")
+        if cropped:
+            lineno, k, size = cropped[0]
+            gpt.print0(f"{path}: {len(cropped)} message(s) over {OWN_MESSAGE_CHARS:,} characters cropped to "
+                       f"that, as no row holds more (first: line {lineno}, message {k}, {size:,} characters)")
         super().__init__(rows, shuffle=False)
 
 
