@@ -360,7 +360,7 @@ def fabricate_home(home):
 
 
 def test_report_from_fabricated_logs(tmp_path):
-    """Missing stages show '–'; later eval runs override earlier ones; curves become inline SVG."""
+    """Missing stages show '–'; later eval runs override earlier ones; curves become SVG files."""
     home = str(tmp_path / "home")
     fabricate_home(home)
     md_path, json_path = ev.write_report(home)
@@ -368,7 +368,8 @@ def test_report_from_fabricated_logs(tmp_path):
     data = json.load(open(json_path))
     assert "| CORE | 0.1234 | – | – | – |" in md
     assert "| GSM8K | – | – | 0.0700 | – |" in md and "| MMLU | – | – | 0.3000 | – |" in md
-    assert md.count("<svg") == 1 and "base loss" in md        # val_bpb has a single point: no chart
+    # val_bpb has a single point: no chart; the loss chart is a file beside report.md, linked
+    assert "<svg" not in md and "](charts/base_loss.svg)" in md and data["charts"] == {"base": {"loss": "charts/base_loss.svg"}}
     assert "config: depth=2, num_steps=4" in md and "## RL (rl)\n\n–" in md
     base = data["stages"]["base"]
     assert base["train_time_s"] == 2.5 and base["final"]["min_val_bpb"] == 1.25
