@@ -76,6 +76,13 @@ MAX_BODY_BYTES = 1 << 20
 SOCKET_TIMEOUT = 30.0      # seconds a client may stall mid-request (or not read our stream) before we drop it
 WORKER_WAIT = 60.0         # seconds a request waits for a free worker before a 503
 ROLES = ("system", "user", "assistant")
+# shown on the page and in the terminal when the model learned the synthetic mirror (`bash run_all.sh tiny`);
+# a tiny model of the test fixtures' size answers each of these prompts right (README "What the tiny model knows")
+TINY_WORLD_NOTE = ("This model was trained on the small synthetic world of `bash run_all.sh tiny`: 16 people in "
+                   "6 towns with their jobs, pets and friends, small sums, spelling, and GSM8K-style word "
+                   "problems. It knows nothing else. Try: \"Where does Edda live?\", \"What pet does Kofi "
+                   "have?\", \"How do you spell garden?\", \"Kofi has 4 cakes. Lena has twice as many cakes "
+                   "as Kofi. How many cakes do they have together?\", \"Tell me a short story about Nora.\"")
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
                  ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
@@ -412,6 +419,7 @@ class App:
     def __init__(self, tokenizer, workers, meta, defaults, load_error=None):
         self.tokenizer, self.pool, self.defaults = tokenizer, Pool(workers), defaults
         self.load_error = load_error
+        self.about = None   # TINY_WORLD_NOTE when the model learned the synthetic mirror
         self.ready = bool(workers) and load_error is None
         self.context_len = workers[0].engine.model.config.sequence_len if self.ready else 0
         if self.ready:
@@ -431,7 +439,7 @@ class App:
         out = {"status": "ok" if self.ready else "model not loaded", "ready": self.ready,
                "model": self.model_id if self.ready else None, "num_workers": len(self.pool.workers),
                "available_workers": self.pool.available(), "context_len": self.context_len,
-               "defaults": self.defaults}
+               "defaults": self.defaults, "about": self.about}
         if not self.ready:
             out["error"] = self.load_error
         return out
@@ -687,7 +695,9 @@ def build_app(config):
     # startup boundary: serve the page and a 503 rather than die, so the user sees what is missing
     except (OSError, ValueError, AssertionError) as e:
         return App(None, [], None, defaults, load_error=str(e))
-    return App(tokenizer, workers, meta, defaults)
+    app = App(tokenizer, workers, meta, defaults)
+    app.about = TINY_WORLD_NOTE if gpt.synthetic_data() else None
+    return app
 
 
 def find_home(stage_name, tag_name):
@@ -819,6 +829,8 @@ def chat_in_terminal(app, config):
             sys.exit(e.message)
         return
     print(settings_line(app, config))
+    if app.about:
+        print(app.about)
     print("type a message; /help lists the commands, /quit or Ctrl-D leaves.")
     messages = []
     while True:
