@@ -1000,7 +1000,10 @@ def _read_checkpoint(ckpt_dir, step, device, dtype, tokenizer, rank):
     if tokenizer is not None and meta.get("tokenizer") != tokenizer.fingerprint():
         raise ValueError(f"tokenizer mismatch: {ckpt_dir} step {step} was trained with tokenizer "
                          f"{meta.get('tokenizer')}, the loaded tokenizer is {tokenizer.fingerprint()}")
-    model = new_model(config, device, dtype)
+    try:
+        model = new_model(config, device, dtype)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:   # a model_config no model can have
+        raise damaged(meta_name, f"model_config {meta['model_config']} builds no model: {e}") from None
     # torch.load raises many types for a damaged file (EOFError, RuntimeError, UnpicklingError, ...)
     try:
         state = torch.load(os.path.join(ckpt_dir, model_name), map_location=device, weights_only=True)

@@ -403,7 +403,9 @@ def test_cli_base_eval_and_report_end_to_end(base_home, mirror, tmp_path):
     run_script(["evaluate.py", "--report=1"], env)
     md = open(os.path.join(home, "report", "report.md")).read()
     assert f"| CORE | {results['CORE']:.4f} | – | – | – |" in md
-    assert "<svg" in md and "vocab_size: 512" in md
+    assert "](charts/base_loss.svg)" in md and "vocab_size: 512" in md
+    assert os.path.exists(os.path.join(home, "report", "charts", "base_loss.svg"))
+    assert "synthetic offline mirror" in md   # the shards came from tests/tinyworld.py
 
 
 def test_chat_evals_end_to_end(base_home, mirror, tmp_path, monkeypatch):
