@@ -228,6 +228,13 @@ def test_help_describes_the_script_and_every_knob(script, monkeypatch, capsys):
     assert not any(word in out for word in ("REFERENCE", "§", "CONTRACT", "DESIGN.md", "anchors"))
 
 
+@pytest.mark.parametrize("script", ["tests/tinyworld.py", "tests/check_report.py"])
+def test_help_of_the_test_scripts(script, monkeypatch, capsys):
+    code, out = script_help(monkeypatch, capsys, script, "--help")
+    assert code == 0 and out.startswith(os.path.basename(script) + ": ")
+    assert not any(word in out for word in ("REFERENCE", "§", "CONTRACT"))
+
+
 def test_bpe_help_and_a_misspelled_command(monkeypatch, capsys):
     code, out = script_help(monkeypatch, capsys, "bpe.py", "--help")
     assert code == 0 and out.startswith("bpe.py: ")

@@ -12,7 +12,7 @@ model (gpt.py, MuonAdamW) trained 300 steps of 16x128 tokens on the default shar
 "About Mira. Mira lives in" with the right town for 16 of 16 people, "3 + 4 = 7. a + b =" for
 about 6 of 16 sums.
 
-Layout (the hub's real one, CONTRACT.md "Hub files"; schemas REFERENCE.md §16, §17):
+Layout (the hub's real one, with the real files' schemas):
     <out>/datasets/<org>/<name>/resolve/main/<file>     parquet files of the hub repos
     <out>/files/<name>                                  eval_bundle.zip, identity_conversations.jsonl,
                                                         words_alpha.txt
@@ -1008,7 +1008,8 @@ def main(argv):
     args = {"out": None, "serve": -1, "seed": 0}
     sizes = {}
     if "--help" in argv or "-h" in argv:
-        sys.exit(__doc__ + "\nsizes (--name=N): " + " ".join(f"{k}={v}" for k, v in SIZES.items()))
+        print(__doc__.strip() + "\n\nsizes (--name=N): " + " ".join(f"{k}={v}" for k, v in SIZES.items()))
+        sys.exit(0)
     for arg in argv:
         name, eq, text = arg.lstrip("-").partition("=")
         if not (arg.startswith("--") and eq):
