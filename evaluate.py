@@ -1144,6 +1144,22 @@ def axis_label(key):
     return AXIS_LABELS.get(key, key)
 
 
+EVAL_UNITS = {"CORE": "centred accuracy over the CORE tasks (0 = chance, 1 = perfect)",
+              "train_bpb": f"bits per byte on the first training shard ({TRAIN_SHARD})",
+              "val_bpb": f"bits per byte on the val shard ({VAL_SHARD}, never trained on)",
+              "ChatCORE": "the chat tasks' accuracies centred on chance, averaged"}
+TOKENIZER_UNITS = {"vocab_size": "tokens, the special tokens included", "fingerprint": "id that checkpoints record",
+                   "special_tokens": "tokens of the chat format"}
+
+
+def eval_unit(key):
+    if key in EVAL_UNITS:
+        return EVAL_UNITS[key]
+    if key in ("ARC-Easy", "ARC-Challenge", "MMLU"):
+        return "multiple-choice accuracy (chance 0.25)"
+    return "fraction of problems solved"
+
+
 def unit(key):
     if key.startswith("pass@"):
         return f"fraction of held-out GSM8K questions with a right answer among {key[5:]} samples"
@@ -1249,7 +1265,8 @@ def report_markdown(data):
     md += [f"- {note}" for note in SUMMARY_NOTES]
     md += ["- bpb (bits per byte, lower is better) is in each stage's section, with the split it was measured on.",
            "", "## Tokenizer", ""]
-    md += [f"- {k}: {fmt(v)}" for k, v in (data["tokenizer"] or {}).items()] or ["–"]
+    md += [f"- {k}: {fmt(v)}: " + TOKENIZER_UNITS.get(k, f"bytes per token over the vocabulary, {k[12:]}")
+           for k, v in (data["tokenizer"] or {}).items()] or ["–"]
     for name, label in REPORT_STAGES:
         s = data["stages"].get(name)
         md += ["", f"## {label} ({name})", ""]
@@ -1271,7 +1288,8 @@ def report_markdown(data):
             md += [""] + [f"![{name} {key}: {unit(key)}]({path})" for key, path in charts.items()]
         results = data["evals"].get(name)
         if results:
-            md += ["", "eval: " + ", ".join(f"{k} {fmt(v)}" for k, v in results.items() if not isinstance(v, dict))]
+            md += ["", "evaluation (evaluate.py):", ""]
+            md += [f"- {k}: {fmt(v)}: {eval_unit(k)}" for k, v in results.items() if not isinstance(v, dict)]
     return "\n".join(md) + "\n"
 
 

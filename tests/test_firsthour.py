@@ -310,6 +310,7 @@ def test_report_card_charts_times_and_labels(synthetic, tmp_path):
     assert data["stages"]["base"]["wall_time_s"] == pytest.approx(31.0)   # 11 s + 20 s over two runs
     assert data["wall_time_s"] == pytest.approx(61.0)                     # plus 30 s of evaluation
     assert "- wall time: 31 s training, 30 s evaluating" in md and "- wall time of the run: 61 s" in md
-    assert "val bpb is measured on the val shard" in md
+    assert "val bpb is measured on the val shard" in md and "- CORE: 0.2000: centred accuracy" in md
+    assert "- val_bpb: 0.9000: bits per byte on the val shard (shard_01822.parquet" in md
     assert "- loss: 0.9000: train loss, nats per token on the training batch, at the last logged step" in md
     assert ("synthetic offline mirror" in md) == synthetic and data["synthetic_data"] == synthetic
