@@ -263,6 +263,21 @@ def test_terminal_commands(tmp_path, monkeypatch, capsys):
     assert captured.out.count("you> ") == 7   # /quit left before "never read"
     assert "[reply cut at the 6-token limit" in captured.err   # this model never ends a reply itself
 
+def test_a_tiny_world_model_says_what_it_knows(tmp_path, monkeypatch, capsys):
+    """Shards marked by tests/tinyworld.py: /health (read by the page) and the terminal chat carry
+    the note with prompts the tiny model answers; other data carries none."""
+    monkeypatch.setenv("SLIMCHAT_HOME", str(tmp_path))
+    config = build_tiny_home(str(tmp_path), workers=1)
+    assert serve.build_app(config).health()["about"] is None
+    os.makedirs(tmp_path / "data")
+    table = pa.table({"text": ["a"]}).replace_schema_metadata({"slimchat_source": "tinyworld"})
+    pq.write_table(table, str(tmp_path / "data" / "shard_01822.parquet"))
+    app = serve.build_app(config)
+    assert app.health()["about"] == serve.TINY_WORLD_NOTE and "Where does Edda live?" in serve.TINY_WORLD_NOTE
+    monkeypatch.setattr("sys.stdin", io.StringIO("/quit\n"))
+    serve.chat_in_terminal(app, {"prompt": "", "max_tokens": 6, "temperature": 0.8, "top_k": 50})
+    assert "small synthetic world" in capsys.readouterr().out
+
 # ---------------------------------------------------------------------------
 # the report card
 
