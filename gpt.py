@@ -1018,7 +1018,11 @@ def _read_checkpoint(ckpt_dir, step, device, dtype, tokenizer, rank):
         try:
             optim_state = torch.load(os.path.join(ckpt_dir, optim_name), map_location=device, weights_only=True)
         except Exception as e:
-            raise damaged(optim_name, f"not a readable optimizer state ({type(e).__name__}: {e})") from None
+            # not a CheckpointError: each rank reads its own shard, and a rank that fell back alone
+            # would resume from another step than the others
+            raise ValueError(f"damaged optimizer state {os.path.join(ckpt_dir, optim_name)} (step {step}): "
+                             f"{type(e).__name__}: {e}; to resume from the previous checkpoint, move step "
+                             f"{step}'s files out of {ckpt_dir}") from None
     return model, meta, optim_state
 
 

@@ -86,6 +86,17 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(how, tmp_path, monkey
         gpt.load_checkpoint("base", "cpu", step=2)
 
 
+def test_damaged_optimizer_state_is_named_without_a_fallback(tmp_path, monkeypatch):
+    """Each rank reads its own optimizer shard: one rank must not fall back alone."""
+    monkeypatch.setenv("SLIMCHAT_HOME", str(tmp_path))
+    model = gpt.new_model(gpt.GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2,
+                                        n_embd=32), "cpu")
+    ckpt_dir = gpt.save_checkpoint("base", 3, model, {}, optimizer=model.setup_optimizer())
+    open(os.path.join(ckpt_dir, "optim_000003_rank0.pt"), "wb").close()
+    with pytest.raises(ValueError, match="damaged optimizer state .*optim_000003_rank0.pt \\(step 3\\)"):
+        gpt.load_checkpoint("base", "cpu")
+
+
 def test_only_damaged_checkpoints_leave_serve_up_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMCHAT_HOME", str(tmp_path))
     config = build_tiny_home(str(tmp_path), workers=1)
