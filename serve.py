@@ -769,8 +769,9 @@ def terminal_reply(app, messages, config):
     print_piece(state, "text", "")
     print(flush=True)
     if reply.finish_reason == "length":
-        print(f"[reply cut at the {max_new}-token limit; raise it with --max_tokens=N or /maxtokens N]",
-              file=sys.stderr, flush=True)
+        why = ("raise it with --max_tokens=N or /maxtokens N" if max_new == config["max_tokens"]
+               else "the model's context is full; /clear starts over")
+        print(f"[reply cut at the {max_new}-token limit: {why}]", file=sys.stderr, flush=True)
     return reply.message()
 
 
