@@ -997,12 +997,15 @@ def read_jsonl(path):
 
 
 def latest_meta(home_dir, stage_name):
-    """The meta JSON of a stage's newest checkpoint (any tag), or None."""
+    """The meta JSON of a stage's newest readable checkpoint (any tag), or None."""
     metas = glob.glob(os.path.join(home_dir, "checkpoints", stage_name, "*", "meta_*.json"))
-    if not metas:
-        return None
-    with open(max(metas, key=os.path.getmtime), encoding="utf-8") as f:
-        return json.load(f)
+    for path in sorted(metas, key=os.path.getmtime, reverse=True):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):   # a damaged meta: the checkpoint loader warns about it
+            continue
+    return None
 
 
 def stage_summary(records, meta):

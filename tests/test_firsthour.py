@@ -311,6 +311,13 @@ def fabricate_run(home, synthetic):
     if synthetic:
         table = table.replace_schema_metadata({"slimchat_source": "tinyworld"})
     pq.write_table(table, os.path.join(home, "data", "shard_01822.parquet"))
+    ckpt = os.path.join(home, "checkpoints", "base", "d2")
+    os.makedirs(ckpt)
+    with open(os.path.join(ckpt, "meta_000010.json"), "w") as f:
+        json.dump({"step": 10, "config": {"depth": 2}}, f)
+    with open(os.path.join(ckpt, "meta_000011.json"), "w") as f:
+        f.write('{"step": 11, "conf')   # damaged: the card takes the one before
+    os.utime(os.path.join(ckpt, "meta_000010.json"), (1, 1))
 
 
 @pytest.mark.parametrize("synthetic", [True, False])
@@ -333,6 +340,7 @@ def test_report_card_charts_times_and_labels(synthetic, tmp_path):
     assert "y axis fits steps 1 on; earlier values (up to 9) run off the chart" in val_chart
     html = open(os.path.join(report_dir, "report.html")).read()
     assert html.count("<svg") == 2 and "charts/" not in html   # self-contained
+    assert data["stages"]["base"]["step"] == 10
     assert data["stages"]["base"]["wall_time_s"] == pytest.approx(31.0)   # 11 s + 20 s over two runs
     assert data["wall_time_s"] == pytest.approx(61.0)                     # plus 30 s of evaluation
     assert "- wall time: 31 s training, 30 s evaluating" in md and "- wall time of the run: 61 s" in md
