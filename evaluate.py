@@ -1123,7 +1123,8 @@ UNITS = {"loss": "train loss, nats per token on the training batch",
          "tok_per_sec": "training tokens per second", "mfu": "model FLOPs utilization, % of the GPU's bf16 peak (none on CPU)",
          "progress": "fraction of the training mixture consumed",
          "skipped": "1 if the step's update was skipped (a non-finite loss)",
-         "skipped_conversations": "training conversations skipped so far because no assistant token fit in a row",
+         "skipped_conversations": "conversations skipped so far (rank 0's share, every epoch counted) because "
+                                  "cut to max_seq_len at a turn boundary they kept no assistant token",
          "reward": "mean reward of the step's samples (1 = right answer)",
          "sample_len": "mean tokens per sampled answer"}
 VAL_SPLITS = {"base": "the val shard (shard_01822.parquet, never trained on)",
