@@ -244,3 +244,17 @@ def test_model_not_loaded_state(browser, tmp_path, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_tiny_world_note_on_the_empty_chat(browser, site):
+    """A model that learned the synthetic mirror: the empty chat says what it knows, with prompts."""
+    _, app = site
+    server, port = start_server(scripted_app(app.tokenizer))
+    server.app.about = serve.TINY_WORLD_NOTE
+    try:
+        open_page(browser, f"http://127.0.0.1:{port}/")
+        wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, ".empty .about"))
+        assert "Where does Edda live?" in browser.find_element(By.CSS_SELECTOR, ".empty .about").text
+    finally:
+        server.shutdown()
+        server.server_close()
