@@ -169,10 +169,11 @@ if __name__ == "__main__":
         raise SystemExit(f"--resume=1 but there is no rl checkpoint under {gpt.home()}/checkpoints/rl; "
                          f"run without --resume first")
     gpt.check_stage(init_stage)
-    try:   # the starting checkpoint must exist before GSM8K is downloaded
-        gpt.require_checkpoint(init_stage, tag)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
+    if not resume:   # the starting checkpoint must exist before GSM8K is downloaded
+        try:
+            gpt.require_checkpoint(init_stage, tag)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
     tokenizer = gpt.load_tokenizer()
     log_path = os.path.join(gpt.home(), "logs", "rl.jsonl")
     stop_signal = gpt.stop_requests()   # filled by Ctrl-C / SIGTERM; acted on at the top of the next step
