@@ -976,8 +976,8 @@ def require_checkpoint(stage, tag=None):
     if not steps:
         where = ckpt_dir or os.path.join(home(), "checkpoints", stage)
         script = STAGE_SCRIPTS.get(stage, f"the {stage} stage")
-        raise FileNotFoundError(f"no {stage} checkpoint under {where}: run `python {script}` first"
-                                + _elsewhere(f"a {stage} checkpoint", os.path.join("checkpoints", stage, "*", "meta_*.json")))
+        elsewhere = _elsewhere(f"a {stage} checkpoint", os.path.join("checkpoints", stage, "*", "meta_*.json"))
+        raise FileNotFoundError(f"no {stage} checkpoint under {where}: run `python {script}` first{elsewhere}")
     return ckpt_dir, steps
 
 
@@ -990,7 +990,8 @@ def _read_checkpoint(ckpt_dir, step, device, dtype, tokenizer, rank):
     """(model, meta, optimizer state or None) of one step; CheckpointError when a file of it is damaged."""
     def damaged(name, why):
         return CheckpointError(f"damaged checkpoint {os.path.join(ckpt_dir, name)} (step {step}): {why}")
-    meta_name, model_name, optim_name = f"meta_{step:06d}.json", f"model_{step:06d}.pt", f"optim_{step:06d}_rank{rank}.pt"
+    meta_name, model_name = f"meta_{step:06d}.json", f"model_{step:06d}.pt"
+    optim_name = f"optim_{step:06d}_rank{rank}.pt"
     try:
         with open(os.path.join(ckpt_dir, meta_name), encoding="utf-8") as f:
             meta = json.load(f)

@@ -78,11 +78,11 @@ WORKER_WAIT = 60.0         # seconds a request waits for a free worker before a 
 ROLES = ("system", "user", "assistant")
 # shown on the page and in the terminal when the model learned the synthetic mirror (`bash run_all.sh tiny`);
 # a tiny model of the test fixtures' size answers each of these prompts right (README "What the tiny model knows")
-TINY_WORLD_NOTE = ("This model was trained on the small synthetic world of `bash run_all.sh tiny`: 16 people in "
-                   "6 towns with their jobs, pets and friends, small sums, spelling, and GSM8K-style word "
-                   "problems. It knows nothing else. Try: \"Where does Edda live?\", \"What pet does Kofi "
-                   "have?\", \"How do you spell garden?\", \"Kofi has 4 cakes. Lena has twice as many cakes "
-                   "as Kofi. How many cakes do they have together?\", \"Tell me a short story about Nora.\"")
+TINY_WORLD_NOTE = ("This model was trained on the small synthetic world of the tiny preset (bash run_all.sh "
+                   "tiny): 16 people in 6 towns with their jobs, pets and friends, small sums, spelling, and "
+                   "GSM8K-style word problems. It knows nothing else. Try: \"Where does Edda live?\", \"What pet "
+                   "does Kofi have?\", \"How do you spell garden?\", \"Kofi has 4 cakes. Lena has twice as many "
+                   "cakes as Kofi. How many cakes do they have together?\", \"Tell me a short story about Nora.\"")
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
                  ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
