@@ -1035,13 +1035,13 @@ def wall_time(records):
     stage has several); None for a log written before records carried the time."""
     total, start, last = 0.0, None, None
     for r in records:
-        if not isinstance(r.get("time"), (int, float)):
+        t = r.get("time")
+        if not isinstance(t, (int, float)):
             continue
-        if r.get("event") == "start":
+        if start is None or r.get("event") == "start":
             total += (last - start) if start is not None else 0.0
-            start = r["time"]
-        start = r["time"] if start is None else start
-        last = r["time"]
+            start = t
+        last = t
     return total + (last - start) if start is not None else None
 
 
@@ -1128,8 +1128,8 @@ UNITS = {"loss": "train loss, nats per token on the training batch",
                                   "cut to max_seq_len at a turn boundary they kept no assistant token",
          "reward": "mean reward of the step's samples (1 = right answer)",
          "sample_len": "mean tokens per sampled answer"}
-VAL_SPLITS = {"base": "the val shard (shard_01822.parquet, never trained on)",
-              "mid": "the held-out mixture (SmolTalk test, MMLU test, GSM8K test), assistant tokens only",
+VAL_SPLITS = {"base": f"the val shard ({VAL_SHARD}, never trained on)",
+              "mid": "the held-out mixture (SmolTalk test, MMLU test, GSM8K test), every token",
               "sft": "SmolTalk test, assistant tokens only"}
 SUMMARY_NOTES = ["CORE: the mean over the CORE tasks of accuracy centred on chance (0 = chance, 1 = perfect).",
                  "ARC-Easy, ARC-Challenge, MMLU: multiple-choice accuracy (chance 0.25).",
