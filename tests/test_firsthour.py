@@ -20,6 +20,7 @@ import torch
 import evaluate
 import gpt
 import serve
+from conftest import BASE_ARGS, copy_home, run_script
 from test_serve import build_tiny_home
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,6 +185,17 @@ def test_half_written_log_line_does_not_block_resume(tmp_path):
     gpt.rewind_log(path, 10)
     records = [json.loads(line) for line in open(path)]
     assert [r["step"] for r in records] == [0, 1, 2, 3] and all(isinstance(r["time"], float) for r in records)
+
+
+def test_resume_after_a_half_written_log_line(base_home, mirror, tmp_path):
+    """A real `pretrain.py --resume=1` over a log whose last line a killed run left half-written."""
+    home = copy_home(base_home, tmp_path / "home")
+    log = os.path.join(home, "logs", "base.jsonl")
+    with open(log, "a") as f:
+        f.write('{"step": 201, "lo')
+    run_script(["pretrain.py", *BASE_ARGS, "--resume=1"], dict(mirror["env"], SLIMCHAT_HOME=home))
+    records = [json.loads(line) for line in open(log)]   # every line whole again
+    assert records[-1]["event"] == "start" and records[-1]["step"] == 200
 
 
 def write_lines(path, lines):
