@@ -1325,7 +1325,8 @@ def markdown_html(md, out_dir):
         elif line:
             html.append(f"<p>{bold(line)}</p>")
     style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+             "td:first-child{text-align:left}"
              ".item{margin:2px 0}figure{display:inline-block;margin:8px}figcaption{font-size:12px}")
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>slimchat report card</title>'
             f'<style>{style}</style></head><body>\n' + "\n".join(html) + "\n</body></html>\n")
