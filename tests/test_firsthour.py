@@ -301,6 +301,25 @@ def test_a_tiny_world_model_says_what_it_knows(tmp_path, monkeypatch, capsys):
     serve.chat_in_terminal(app, {"prompt": "", "max_tokens": 6, "temperature": 0.8, "top_k": 50})
     assert "small synthetic world" in capsys.readouterr().out
 
+README_PROMPTS = [("Where does Edda live?", "Edda lives in Oakvale."), ("What pet does Kofi have?", "Kofi has a rabbit."),
+                  ("How do you spell garden?", "The word garden is spelled g-a-r-d-e-n."),
+                  ("Kofi has 4 cakes. Lena has twice as many cakes as Kofi. How many cakes do they have "
+                   "together?", "#### 12")]
+
+
+def test_the_tiny_model_answers_the_readme_prompts(sft_home, monkeypatch, capsys):
+    """README's "What the tiny model knows" (and TINY_WORLD_NOTE) quote these replies of the
+    fixture-size chat model under greedy decoding; if training changes so that they no longer come
+    out, the README must change too."""
+    monkeypatch.setenv("SLIMCHAT_HOME", sft_home)
+    app = serve.build_app({"stage": "sft", "step": -1, "tag": "", "device": "cpu", "num_workers": 1,
+                           "temperature": 0.0, "top_k": 50, "max_tokens": 64})
+    for prompt, answer in README_PROMPTS:
+        assert prompt in serve.TINY_WORLD_NOTE
+        serve.terminal_reply(app, [{"role": "user", "content": prompt}], {"max_tokens": 64, "temperature": 0.0,
+                                                                           "top_k": 50})
+        assert answer in capsys.readouterr().out, prompt
+
 # ---------------------------------------------------------------------------
 # the report card
 
