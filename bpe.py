@@ -603,11 +603,12 @@ def parse_args(argv, defaults):
     for arg in argv:
         name, eq, text = arg[2:].partition("=")
         if not (arg.startswith("--") and eq and name in args):
-            sys.exit(f"bad argument {arg!r}; expected --name=value with name in: {', '.join(args)}")
+            sys.exit(f"bad argument {arg!r}; expected --name=value with name in: {', '.join(args)} (see --help)")
         try:
             args[name] = type(defaults[name])(text)
         except ValueError:
-            sys.exit(f"--{name} expects a {type(defaults[name]).__name__}, got {text!r}")
+            kind = type(defaults[name]).__name__
+            sys.exit(f"--{name} expects {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {text!r}")
     return args
 
 
@@ -637,10 +638,17 @@ def iter_training_text(paths, max_chars, doc_cap=DOC_CAP):
                     return
 
 
+def train_knobs(home):
+    return {"vocab_size": 65536, "max_chars": 2_000_000_000, "data": os.path.join(home, "data"),
+            "out": os.path.join(home, "tokenizer", "tokenizer.json")}
+
+
+def eval_knobs(home):
+    return {"data": os.path.join(home, "data"), "path": os.path.join(home, "tokenizer", "tokenizer.json")}
+
+
 def cli_train(argv, home):
-    args = parse_args(argv, {"vocab_size": 65536, "max_chars": 2_000_000_000,
-                             "data": os.path.join(home, "data"),
-                             "out": os.path.join(home, "tokenizer", "tokenizer.json")})
+    args = parse_args(argv, train_knobs(home))
     paths = shard_paths(args["data"])
     workers = os.cpu_count() or 1
     print(f"training on {len(paths)} shard(s) in {args['data']}, up to {args['max_chars']:,} chars, "
@@ -658,8 +666,7 @@ def cli_train(argv, home):
 
 
 def cli_eval(argv, home):
-    args = parse_args(argv, {"data": os.path.join(home, "data"),
-                             "path": os.path.join(home, "tokenizer", "tokenizer.json")})
+    args = parse_args(argv, eval_knobs(home))
     if not os.path.exists(args["path"]):
         sys.exit(f"no tokenizer at {args['path']}; run `python bpe.py train` first")
     tok = Tokenizer.load(args["path"])
@@ -679,10 +686,39 @@ def cli_eval(argv, home):
         print(f"{name:<10} {n_bytes:>12,} {len(ids):>12,} {n_bytes / max(1, len(ids)):>12.2f}")
 
 
+COMMANDS = {  # name: (what it does, its knobs, the function)
+    "train": ("train a tokenizer on the downloaded shards and save it", train_knobs, cli_train),
+    "eval": ("report the tokenizer's compression (bytes per token) on samples and the val shard", eval_knobs, cli_eval),
+}
+
+
+KNOB_MEANINGS = {"vocab_size": "tokens in the vocabulary, the 9 special tokens included",
+                 "max_chars": "read at most this many characters of the shards",
+                 "data": "folder of shard_*.parquet files (python pretrain.py --download=N fetches them)",
+                 "out": "where to write the tokenizer", "path": "the tokenizer to measure"}
+
+
+def usage(home, only=None):
+    lines = ["bpe.py: slimchat's byte-level BPE tokenizer: train one, or measure its compression.", ""]
+    for name, (about, knobs, _) in COMMANDS.items():
+        if only in (None, name):
+            lines += [f"python bpe.py {name} [--name=value ...]    {about}"]
+            lines += [f"  --{k}={v!r}".ljust(44) + f"  # {KNOB_MEANINGS[k]}" for k, v in knobs(home).items()] + [""]
+    return "\n".join(lines).rstrip()
+
+
 if __name__ == "__main__":
     slimchat_home = os.environ.get("SLIMCHAT_HOME") or os.path.expanduser("~/.cache/slimchat")
-    commands = {"train": cli_train, "eval": cli_eval}
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        sys.exit("usage: python bpe.py train [--vocab_size=N] [--max_chars=N] [--data=DIR] [--out=PATH]\n"
-                 "       python bpe.py eval [--data=DIR] [--path=PATH]")
-    commands[sys.argv[1]](sys.argv[2:], slimchat_home)
+    command = sys.argv[1] if len(sys.argv) > 1 else None
+    if command in (None, "-h", "--help", "help"):
+        print(usage(slimchat_home))
+        sys.exit(0 if command else 2)
+    if command not in COMMANDS:
+        import difflib
+        hint = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        sys.exit(f"unknown command {command!r}" + (f" (did you mean {hint[0]}?)" if hint else "")
+                 + f"; the commands are {', '.join(COMMANDS)} (see python bpe.py --help)")
+    if "--help" in sys.argv[2:] or "-h" in sys.argv[2:]:
+        print(usage(slimchat_home, command))
+        sys.exit(0)
+    COMMANDS[command][2](sys.argv[2:], slimchat_home)

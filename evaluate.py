@@ -364,27 +364,48 @@ def conversation_problem(messages):
     return None
 
 
+OWN_MESSAGE_CHARS = 100_000   # longer messages of --data are cropped at load: no row holds more (2,048 tokens are
+                              # about 10,000 chars), and rendering a 50 MB message took 9 s, every epoch
+
+
 class CustomJSON(Task):
     """Conversations from a JSONL file: one JSON list of {role, content} messages a line (E's identity
-    file) or one {"messages": [...]} object a line. Every line is checked when the file is loaded."""
+    file) or one {"messages": [...]} object a line. Every line is checked when the file is loaded;
+    a message over OWN_MESSAGE_CHARS is cropped to it, and the crops reported once."""
 
     def __init__(self, path):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        rows, cropped = [], []
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path} line {lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                                     f"{e.start + 1} of the line); save the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
                     data = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path} line {lineno}: not valid JSON ({e})") from None
+                except RecursionError:
+                    raise ValueError(f"{path} line {lineno}: JSON nested too deeply to read; a conversation "
+                                     "is a flat list of {role, content} messages") from None
                 messages = data.get("messages") if isinstance(data, dict) else data
                 problem = conversation_problem(messages)
                 if problem:
                     raise ValueError(f"{path} line {lineno}: {problem}")
+                for k, m in enumerate(messages):
+                    if len(m["content"]) > OWN_MESSAGE_CHARS:
+                        cropped.append((lineno, k, len(m["content"])))
+                        messages[k] = dict(m, content=m["content"][:OWN_MESSAGE_CHARS])
                 rows.append({"messages": messages})
         if not rows:
             raise ValueError(f"{path} holds no conversations")
+        if cropped:
+            lineno, k, size = cropped[0]
+            gpt.print0(f"{path}: {len(cropped)} message(s) over {OWN_MESSAGE_CHARS:,} characters cropped to "
+                       f"that, as no row holds more (first: line {lineno}, message {k}, {size:,} characters)")
         super().__init__(rows, shuffle=False)
 
 
@@ -1085,12 +1106,15 @@ def read_jsonl(path):
 
 
 def latest_meta(home_dir, stage_name):
-    """The meta JSON of a stage's newest checkpoint (any tag), or None."""
+    """The meta JSON of a stage's newest readable checkpoint (any tag), or None."""
     metas = glob.glob(os.path.join(home_dir, "checkpoints", stage_name, "*", "meta_*.json"))
-    if not metas:
-        return None
-    with open(max(metas, key=os.path.getmtime), encoding="utf-8") as f:
-        return json.load(f)
+    for path in sorted(metas, key=os.path.getmtime, reverse=True):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):   # a damaged meta: the checkpoint loader warns about it
+            continue
+    return None
 
 
 def stage_summary(records, meta):
@@ -1101,7 +1125,7 @@ def stage_summary(records, meta):
             meta = meta or {"config": r["config"]}
             continue
         for key, value in r.items():
-            if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if key in ("step", "time") or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             final[key] = value
             if "step" in r and any(word in key for word in CURVE_KEYS) and math.isfinite(value):
@@ -1112,7 +1136,22 @@ def stage_summary(records, meta):
     seconds = sum(r["dt"] for r in records if isinstance(r.get("dt"), (int, float)))
     return {"config": (meta or {}).get("config"), "step": (meta or {}).get("step"),
             "steps_logged": sum("step" in r and "config" not in r for r in records), "train_time_s": seconds,
-            "final": final, "curves": curves}
+            "wall_time_s": wall_time(records), "final": final, "curves": curves}
+
+
+def wall_time(records):
+    """Seconds from each run's start record to its last record, summed over the runs (a resumed
+    stage has several); None for a log written before records carried the time."""
+    total, start, last = 0.0, None, None
+    for r in records:
+        t = r.get("time")
+        if not isinstance(t, (int, float)):
+            continue
+        if start is None or r.get("event") == "start":
+            total += (last - start) if start is not None else 0.0
+            start = t
+        last = t
+    return total + (last - start) if start is not None else None
 
 
 def eval_results(home_dir):
@@ -1122,6 +1161,16 @@ def eval_results(home_dir):
     for r in read_jsonl(path) if os.path.exists(path) else []:
         merged.setdefault(r.get("stage"), {}).update(r.get("results", {}))
     return merged
+
+
+def eval_seconds(home_dir):
+    """Per stage, the wall seconds of all its eval runs."""
+    path = os.path.join(home_dir, "logs", "eval.jsonl")
+    seconds = {}
+    for r in read_jsonl(path) if os.path.exists(path) else []:
+        if isinstance(r.get("seconds"), (int, float)):
+            seconds[r.get("stage")] = seconds.get(r.get("stage"), 0.0) + r["seconds"]
+    return seconds
 
 
 def tokenizer_stats(home_dir):
@@ -1174,26 +1223,114 @@ def run_header():
             "gpus": gpus, "code": code_size()}
 
 
-def svg_chart(points, title, width=420, height=160):
-    """A line chart of [(x, y), ...] as one inline SVG element, with its x and y ranges labelled."""
-    pad = 36
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    sx = (width - 2 * pad) / ((x1 - x0) or 1)
-    sy = (height - 2 * pad) / ((y1 - y0) or 1)
-    line = " ".join(f"{pad + (x - x0) * sx:.1f},{height - pad - (y - y0) * sy:.1f}" for x, y in points)
-    text = 'font-family="sans-serif" font-size="11"'
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
+# what each logged series measures: the y label of its chart and the line of its final value
+UNITS = {"loss": "train loss, nats per token on the training batch",
+         "smooth_loss": "train loss, moving average, nats per token",
+         "val_bpb": "bits per byte on the held-out split named above",
+         "min_val_bpb": "the lowest bits per byte on the held-out split over the whole run",
+         "lrm": "learning-rate multiplier (1 = the full rate)", "dt": "seconds per step",
+         "tok_per_sec": "training tokens per second",
+         "mfu": "model FLOPs utilization, % of the GPU's bf16 peak (none on CPU)",
+         "progress": "fraction of the training mixture consumed",
+         "skipped": "1 if the step's update was skipped (a non-finite loss)",
+         "skipped_conversations": "conversations skipped so far (rank 0's share, every epoch counted) because "
+                                  "cut to max_seq_len at a turn boundary they kept no assistant token",
+         "reward": "mean reward of the step's samples (1 = right answer)",
+         "sample_len": "mean tokens per sampled answer"}
+VAL_SPLITS = {"base": f"the val shard ({VAL_SHARD}, never trained on)",
+              "mid": "the held-out mixture (SmolTalk test, MMLU test, GSM8K test), every token",
+              "sft": "SmolTalk test, assistant tokens only"}
+SUMMARY_NOTES = ["CORE: the mean over the CORE tasks of accuracy centred on chance (0 = chance, 1 = perfect).",
+                 "ARC-Easy, ARC-Challenge, MMLU: multiple-choice accuracy (chance 0.25).",
+                 "GSM8K, HumanEval, SpellingBee: fraction of problems solved (greedy unless the eval's "
+                 "num_samples was above 1; then any right sample counts).",
+                 "ChatCORE: the mean of the chat tasks' accuracies, each centred on its chance level."]
+
+
+AXIS_LABELS = {"loss": "nats per token", "smooth_loss": "nats per token", "val_bpb": "bits per byte",
+               "lrm": "LR multiplier", "dt": "seconds", "tok_per_sec": "tokens per second", "reward": "mean reward",
+               "sample_len": "tokens"}
+
+
+def axis_label(key):
+    if key.startswith("pass@") or key.endswith("_acc"):
+        return "fraction right"
+    return AXIS_LABELS.get(key, key)
+
+
+EVAL_UNITS = {"CORE": "centred accuracy over the CORE tasks (0 = chance, 1 = perfect)",
+              "train_bpb": f"bits per byte on the first training shard ({TRAIN_SHARD})",
+              "val_bpb": f"bits per byte on the val shard ({VAL_SHARD}, never trained on)",
+              "ChatCORE": "the chat tasks' accuracies centred on chance, averaged"}
+TOKENIZER_UNITS = {"vocab_size": "tokens, the special tokens included", "fingerprint": "id that checkpoints record",
+                   "special_tokens": "tokens of the chat format"}
+
+
+def eval_unit(key):
+    if key in EVAL_UNITS:
+        return EVAL_UNITS[key]
+    if key in ("ARC-Easy", "ARC-Challenge", "MMLU"):
+        return "multiple-choice accuracy (chance 0.25)"
+    return "fraction of problems solved"
+
+
+def unit(key):
+    if key.startswith("pass@"):
+        return f"fraction of held-out GSM8K questions with a right answer among {key[5:]} samples"
+    if key.endswith("_acc"):
+        return f"multiple-choice accuracy on held-out {key[:-4].replace('_', '-').upper()} questions (chance 0.25)"
+    return UNITS.get(key, key)
+
+
+def chart_range(points):
+    """(y_lo, y_hi, first_step_fitted): the y range fits the values of the last 90% of the steps, so a
+    high start (the step-0 loss of an untrained model) does not flatten the rest; first_step_fitted
+    is None when every value fits."""
+    xs = [x for x, _ in points]
+    cut = xs[0] + 0.1 * (xs[-1] - xs[0])
+    later = [y for x, y in points if x >= cut and x > xs[0]] or [y for _, y in points]
+    lo, hi = min(later), max(later)
+    if all(lo <= y <= hi for _, y in points):
+        return lo, hi, None
+    return lo, hi, min(x for x, _ in points if x >= cut and x > xs[0])
+
+
+def svg_chart(points, title, ylabel, width=520, height=220):
+    """A line chart of [(step, value), ...] as a standalone SVG file's text: labelled axes, y range
+    fitted to the later steps (earlier values beyond it run off the chart, and the caption says so)."""
+    left, right, top, bottom = 64, 16, 40, 44
+    x0, x1 = points[0][0], points[-1][0]
+    y0, y1, fitted_from = chart_range(points)
+    sx = (width - left - right) / ((x1 - x0) or 1)
+    sy = (height - top - bottom) / ((y1 - y0) or 1)
+    line = " ".join(f"{left + (x - x0) * sx:.1f},{height - bottom - (y - y0) * sy:.1f}" for x, y in points)
+    font = 'font-family="sans-serif" fill="#333" font-size'
+    note = (f"y axis fits steps {fitted_from:g} on; earlier values (up to {max(y for _, y in points):.3g}) "
+            f"run off the chart" if fitted_from is not None else "")
+    clip = "clip-" + re.sub(r"[^A-Za-z0-9]", "-", title)   # unique per chart: report.html inlines them all
+    ticks = "".join(f'<text x="{left - 4}" y="{height - bottom - (v - y0) * sy + 4:.1f}" {font}="11" '
+                    f'text-anchor="end">{v:.3g}</text>' for v in (y0, (y0 + y1) / 2, y1))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}">'
             f'<rect width="{width}" height="{height}" fill="white" stroke="#ccc"/>'
-            f'<text x="{pad}" y="16" {text} font-weight="bold">{title}</text>'
-            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>'
-            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#888"/>'
-            f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>'
-            f'<text x="2" y="{pad + 4}" {text}>{y1:.3g}</text>'
-            f'<text x="2" y="{height - pad}" {text}>{y0:.3g}</text>'
-            f'<text x="{pad}" y="{height - pad + 14}" {text}>{x0:g}</text>'
-            f'<text x="{width - pad}" y="{height - pad + 14}" {text} text-anchor="end">step {x1:g}</text>'
-            f'</svg>')
+            f'<text x="{left}" y="16" {font}="12" font-weight="bold">{html_escape(title)}</text>'
+            f'<text x="{left}" y="30" {font}="10">{html_escape(note)}</text>'
+            f'<clipPath id="{clip}"><rect x="{left}" y="{top}" width="{width - left - right}" '
+            f'height="{height - top - bottom}"/></clipPath>'
+            f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#888"/>'
+            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#888"/>'
+            f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="1.5" clip-path="url(#{clip})"/>'
+            f'{ticks}'
+            f'<text x="{left}" y="{height - bottom + 14}" {font}="11">{x0:g}</text>'
+            f'<text x="{width - right}" y="{height - bottom + 14}" {font}="11" text-anchor="end">{x1:g}</text>'
+            f'<text x="{(left + width - right) / 2}" y="{height - 8}" {font}="11" text-anchor="middle">step</text>'
+            f'<text transform="translate(14 {(top + height - bottom) / 2}) rotate(-90)" {font}="11" '
+            f'text-anchor="middle">{html_escape(ylabel)}</text>'
+            f'</svg>\n')
+
+
+def html_escape(text):
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
 def fmt(value):
@@ -1204,6 +1341,12 @@ def fmt(value):
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
         return f"{value:,}"
     return str(value)
+
+
+def fmt_seconds(seconds):
+    if seconds is None:
+        return "–"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds:.0f} s ({seconds / 60:.1f} min)"
 
 
 def metrics_table(evals):
@@ -1218,15 +1361,26 @@ def metrics_table(evals):
 def report_markdown(data):
     header, md = data["header"], ["# slimchat report card", ""]
     code = header["code"]
+    if data.get("synthetic_data"):
+        md += ["**Data: the synthetic offline mirror (tests/tinyworld.py), not the real datasets.** Every "
+               "number below measures the model on that small made-up world (its people, towns, sums and "
+               "spellings), whose test questions are drawn from the same facts as its training text; they "
+               "are not comparable to numbers on the real benchmarks.", ""]
     md += [f"- generated: {header['generated']}",
            f"- commit: {header['git_commit'] or '–'}" + (" (dirty)" if header["git_dirty"] else ""),
            f"- hardware: {header['platform']}, {header['cpus']} CPUs, {header['ram_gb'] or '–'} GB RAM, "
            f"GPUs: {', '.join(header['gpus']) or 'none'}",
            f"- python {header['python']}, torch {header['torch']}",
            f"- code: {code['chars']:,} chars, {code['lines']:,} lines, {code['files']} files, "
-           f"~{code['tokens_approx']:,} tokens", "", "## Summary", "", metrics_table(data["evals"]), ""]
-    md += ["## Tokenizer", ""]
-    md += [f"- {k}: {fmt(v)}" for k, v in (data["tokenizer"] or {}).items()] or ["–"]
+           f"~{code['tokens_approx']:,} tokens",
+           f"- wall time of the run: {fmt_seconds(data['wall_time_s'])} (the training stages and evaluations "
+           "logged below, from each log's first to last record; downloads and the tokenizer not included)",
+           "", "## Summary", "", metrics_table(data["evals"]), ""]
+    md += [f"- {note}" for note in SUMMARY_NOTES]
+    md += ["- bpb (bits per byte, lower is better) is in each stage's section, with the split it was measured on.",
+           "", "## Tokenizer", ""]
+    md += [f"- {k}: {fmt(v)}: " + TOKENIZER_UNITS.get(k, f"bytes per token over the vocabulary, {k[12:]}")
+           for k, v in (data["tokenizer"] or {}).items()] or ["–"]
     for name, label in REPORT_STAGES:
         s = data["stages"].get(name)
         md += ["", f"## {label} ({name})", ""]
@@ -1234,32 +1388,86 @@ def report_markdown(data):
             md.append("–")
             continue
         md += [f"- checkpoint step: {fmt(s['step'])}", f"- logged steps: {s['steps_logged']}",
-               f"- training time: {s['train_time_s']:.1f} s"]
-        md += [f"- {k}: {fmt(v)}" for k, v in sorted(s["final"].items())]
+               f"- wall time: {fmt_seconds(s.get('wall_time_s'))} training, "
+               f"{fmt_seconds(data['eval_seconds'].get(name))} evaluating",
+               f"- time in training steps: {s['train_time_s']:.1f} s (the sum of the logged step times)"]
+        if name in VAL_SPLITS:
+            md.append(f"- val bpb is measured on {VAL_SPLITS[name]}")
+        md += [f"- {k}: {fmt(v)}: {unit(k)}" + ("" if k.startswith("min_") else ", at the last logged step")
+               for k, v in sorted(s["final"].items())]
         if s["config"]:
             md += ["", "config: " + ", ".join(f"{k}={v}" for k, v in s["config"].items())]
-        md += [""] + [svg_chart(points, f"{name} {key}") for key, points in s["curves"].items() if len(points) > 1]
+        charts = data["charts"].get(name, {})
+        if charts:
+            md += [""] + [f"![{name} {key}: {unit(key)}]({path})" for key, path in charts.items()]
         results = data["evals"].get(name)
         if results:
-            md += ["", "eval: " + ", ".join(f"{k} {fmt(v)}" for k, v in results.items() if not isinstance(v, dict))]
+            md += ["", "evaluation (evaluate.py):", ""]
+            md += [f"- {k}: {fmt(v)}: {eval_unit(k)}" for k, v in results.items() if not isinstance(v, dict)]
     return "\n".join(md) + "\n"
 
 
+def markdown_html(md, out_dir):
+    """report.md as one self-contained HTML page: the few forms report_markdown writes, with each
+    chart's SVG inlined (a browser shows it; GitHub strips inline SVG, hence the files for .md)."""
+    html, table = [], []
+    bold = lambda t: re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html_escape(t))   # noqa: E731
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            if not line.startswith("|---"):
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                tag = "th" if not table else "td"
+                table.append("<tr>" + "".join(f"<{tag}>{html_escape(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if table:
+            html.append("<table>" + "".join(table) + "</table>")
+            table = []
+        if m := re.fullmatch(r"!\[(.*)\]\((.+)\)", line):
+            with open(os.path.join(out_dir, m.group(2)), encoding="utf-8") as f:
+                html.append(f'<figure>{f.read()}<figcaption>{html_escape(m.group(1))}</figcaption></figure>')
+        elif line.startswith("## "):
+            html.append(f"<h2>{html_escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            html.append(f"<h1>{html_escape(line[2:])}</h1>")
+        elif line.startswith("- "):
+            html.append(f'<div class="item">{bold(line[2:])}</div>')
+        elif line:
+            html.append(f"<p>{bold(line)}</p>")
+    style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+             "td:first-child{text-align:left}"
+             ".item{margin:2px 0}figure{display:inline-block;margin:8px}figcaption{font-size:12px}")
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>slimchat report card</title>'
+            f'<style>{style}</style></head><body>\n' + "\n".join(html) + "\n</body></html>\n")
+
+
 def write_report(home_dir):
-    """Write report/report.md and report/report.json from everything under home_dir; return both paths."""
+    """Write report/report.md (charts as report/charts/*.svg beside it), report/report.html (all in
+    one file) and report/report.json from everything under home_dir; return the paths of .md and .json."""
     stages = {}
     for name, _ in REPORT_STAGES:
         log = os.path.join(home_dir, "logs", f"{name}.jsonl")
         meta = latest_meta(home_dir, name)
         if os.path.exists(log) or meta:
             stages[name] = stage_summary(read_jsonl(log) if os.path.exists(log) else [], meta)
-    data = {"header": run_header(), "tokenizer": tokenizer_stats(home_dir), "stages": stages,
-            "evals": eval_results(home_dir)}
     out_dir = os.path.join(home_dir, "report")
-    os.makedirs(out_dir, exist_ok=True)
+    charts = {}
+    for name, s in stages.items():
+        for key, points in s["curves"].items():
+            if len(points) > 1:
+                path = os.path.join("charts", f"{name}_{re.sub(r'[^A-Za-z0-9_]', '_', key)}.svg")
+                atomic_write(os.path.join(out_dir, path), svg_chart(points, f"{name}: {key}", axis_label(key)))
+                charts.setdefault(name, {})[key] = path
+    seconds = eval_seconds(home_dir)
+    walls = [s["wall_time_s"] for s in stages.values() if s.get("wall_time_s")] + list(seconds.values())
+    data = {"header": run_header(), "synthetic_data": gpt.synthetic_data(home_dir),
+            "tokenizer": tokenizer_stats(home_dir), "stages": stages, "evals": eval_results(home_dir),
+            "eval_seconds": seconds, "wall_time_s": sum(walls) if walls else None, "charts": charts}
+    markdown = report_markdown(data)
     paths = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.json")
-    for path, text in zip(paths, (report_markdown(data), json.dumps(data, indent=1, default=str))):
+    for path, text in zip(paths, (markdown, json.dumps(data, indent=1, default=str))):
         atomic_write(path, text)
+    atomic_write(os.path.join(out_dir, "report.html"), markdown_html(markdown, out_dir))
     return paths
 
 
@@ -1305,6 +1513,8 @@ if __name__ == "__main__":
     if report:
         for path in write_report(gpt.home()):
             print(f"wrote {path}")
+        print(f"wrote {os.path.join(gpt.home(), 'report', 'report.html')} (one file, charts inline) and the "
+              f"charts of report.md in {os.path.join(gpt.home(), 'report', 'charts')}")
         sys.exit(0)
     names = stage_tasks(stage, tasks)
 

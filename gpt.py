@@ -23,6 +23,7 @@ NanoChat), with a CLI:
 """
 import ast
 import difflib
+import glob
 import json
 import math
 import os
@@ -808,9 +809,43 @@ class BatchDecoder:
 # runtime: home, devices, dtypes, torch.distributed, printing, overrides
 
 
+STAGE_SCRIPTS = {"base": "pretrain.py", "mid": "midtrain.py", "sft": "sft.py", "rl": "rl.py"}   # who writes each stage
+
+
+def default_home():
+    return os.path.join(os.path.expanduser("~"), ".cache", "slimchat")
+
+
 def home():
     """Where every artifact lives: $SLIMCHAT_HOME, or ~/.cache/slimchat."""
-    return os.environ.get("SLIMCHAT_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "slimchat")
+    return os.environ.get("SLIMCHAT_HOME") or default_home()
+
+
+def check_stage(stage):
+    """SystemExit unless `stage` names a stage (base, mid, sft, rl)."""
+    if stage not in STAGE_SCRIPTS:
+        sys.exit(f"unknown stage {stage!r}: use one of {', '.join(STAGE_SCRIPTS)}")
+
+
+def other_homes(pattern):
+    """The slimchat homes beside the default one (~/.cache/slimchat*, e.g. the tiny preset's
+    ~/.cache/slimchat-tiny), other than home(), that hold a file matching `pattern` (a glob under a
+    home), newest first: where to point a user whose home has nothing."""
+    found = {}
+    for d in glob.glob(glob.escape(default_home()) + "*"):
+        if os.path.isdir(d) and os.path.abspath(d) != os.path.abspath(home()):
+            times = [os.path.getmtime(f) for f in glob.glob(os.path.join(glob.escape(d), pattern))]
+            if times:
+                found[d] = max(times)
+    return sorted(found, key=found.get, reverse=True)
+
+
+def _elsewhere(what, pattern):
+    """'' or the sentence that says which other homes have `what` and how to use one."""
+    homes = other_homes(pattern)
+    if not homes:
+        return ""
+    return f"; {what} exists under {', '.join(homes)}: run with SLIMCHAT_HOME={homes[0]} to use it"
 
 
 def print0(*args, **kwargs):
@@ -878,11 +913,23 @@ def compute_dtype(device):
     return torch.float32, f"fp32: no bf16-capable CUDA GPU ({device.type})"
 
 
+def synthetic_data(home_dir=None):
+    """True when the pretraining shards under the home are the synthetic mirror of tests/tinyworld.py
+    (it marks its parquet files), so reports and the chat page can say what the model knows."""
+    import pyarrow.parquet as pq
+    try:
+        meta = pq.read_schema(os.path.join(home_dir or home(), "data", "shard_01822.parquet")).metadata or {}
+    except (OSError, ValueError):   # no shard (yet), or not parquet
+        return False
+    return meta.get(b"slimchat_source") == b"tinyworld"
+
+
 def load_tokenizer():
     """The trained tokenizer at $SLIMCHAT_HOME/tokenizer/tokenizer.json."""
     path = os.path.join(home(), "tokenizer", "tokenizer.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no tokenizer at {path}: train one with `python bpe.py train`")
+        raise FileNotFoundError(f"no tokenizer at {path}: train one with `python bpe.py train`"
+                                + _elsewhere("a tokenizer", os.path.join("tokenizer", "tokenizer.json")))
     return bpe.Tokenizer.load(path)
 
 
@@ -898,10 +945,10 @@ def _knob_comments(scope):
 def _parse_knob(name, text, default):
     """Convert --name=text to the type of the default; SystemExit with a readable message if it can't."""
     kind = type(default)
+    if kind is bool and text.lower() not in ("1", "0", "true", "false"):
+        sys.exit(f"--{name}={text}: expected 1, 0, true or false (default {default!r})")
     try:
         if kind is bool:
-            if text.lower() not in ("1", "0", "true", "false"):
-                raise ValueError
             return text.lower() in ("1", "true")
         if default is None:  # an "inherit" knob: take a Python literal, else the text as a string
             try:
@@ -910,7 +957,8 @@ def _parse_knob(name, text, default):
                 return text
         return kind(text)
     except ValueError:
-        sys.exit(f"--{name}={text}: expected a {kind.__name__} like the default {default!r}")
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        sys.exit(f"--{name}={text}: expected {article} {kind.__name__} like the default {default!r}")
 
 
 def apply_overrides(scope, argv=None):
@@ -923,7 +971,10 @@ def apply_overrides(scope, argv=None):
     args = sys.argv[1:] if argv is None else list(argv)
     if "--help" in args or "-h" in args:
         comments = _knob_comments(scope)
-        print("knobs (override with --name=value):")
+        about = (scope.get("__doc__") or "").strip().split("\n\n")[0]
+        script = os.path.basename(scope.get("__file__") or "script.py")
+        print(" ".join(about.split()) or script)
+        print(f"\nusage: python {script} [--name=value ...]\nknobs, with their defaults:")
         for k, v in knobs.items():
             print(f"  --{k}={v!r}".ljust(36) + (f"  # {comments[k]}" if k in comments else ""))
         sys.exit(0)
@@ -992,21 +1043,29 @@ def stop_requests():
 
 def rewind_log(path, keep_before):
     """Start the JSONL log at `path` for a run: keep only the records with step < keep_before (a
-    resumed run redoes the later steps a killed run may have logged); None starts an empty log."""
+    resumed run redoes the later steps a killed run may have logged); None starts an empty log.
+    A line a killed run left half-written is dropped."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     lines = []
     if keep_before is not None and os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if json.loads(line)["step"] < keep_before]
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if line.endswith("\n") and isinstance(record, dict) and record.get("step", 0) < keep_before:
+                    lines.append(line)
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)
 
 
 def log_jsonl(path, record):
-    """Append one record (a dict) to the JSONL log; rank 0 only."""
+    """Append one record (a dict) to the JSONL log, stamped with the wall clock ("time", Unix
+    seconds: the report card's wall time per stage); rank 0 only."""
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
 
 # ---------------------------------------------------------------------------
 # checkpoints: $SLIMCHAT_HOME/checkpoints/<stage>/<tag>/{model,meta,optim}_<step>
@@ -1072,35 +1131,86 @@ def save_checkpoint(stage, step, model, meta, optimizer=None, rank=0, tag=None):
     return ckpt_dir
 
 
-def load_checkpoint(stage, device, step=None, tag=None, tokenizer=None, rank=0, dtype=None):
-    """
-    Load (model, meta, optimizer state of this rank or None); the step saved last by default.
-    With a tokenizer, refuses a checkpoint trained with a different one.
-    """
+def require_checkpoint(stage, tag=None):
+    """(directory, steps) of the stage's checkpoints; FileNotFoundError naming the script to run
+    (and other homes that have one) when there is none."""
     ckpt_dir = _checkpoint_dir(stage, tag)
     steps = _steps(ckpt_dir)
     if not steps:
         where = ckpt_dir or os.path.join(home(), "checkpoints", stage)
-        raise FileNotFoundError(f"no {stage} checkpoint under {where}: run the {stage} stage first")
-    step = _newest(ckpt_dir, steps) if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"no {stage} checkpoint for step {step} in {ckpt_dir} (have {steps})")
-    with open(os.path.join(ckpt_dir, f"meta_{step:06d}.json"), encoding="utf-8") as f:
-        meta = json.load(f)
-    config = GPTConfig(**meta["model_config"])
-    if tokenizer is not None:
-        if meta.get("tokenizer") != tokenizer.fingerprint():
-            raise ValueError(f"tokenizer mismatch: {ckpt_dir} step {step} was trained with tokenizer "
-                             f"{meta.get('tokenizer')}, the loaded tokenizer is {tokenizer.fingerprint()}")
-    model = new_model(config, device, dtype)
-    state = torch.load(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), map_location=device, weights_only=True)
+        script = STAGE_SCRIPTS.get(stage, f"the {stage} stage")
+        elsewhere = _elsewhere(f"a {stage} checkpoint", os.path.join("checkpoints", stage, "*", "meta_*.json"))
+        raise FileNotFoundError(f"no {stage} checkpoint under {where}: run `python {script}` first{elsewhere}")
+    return ckpt_dir, steps
+
+
+class CheckpointError(ValueError):
+    """A checkpoint step that cannot be loaded (truncated, empty, not a checkpoint, bad meta, weights
+    that do not fit): the message names the file and the step."""
+
+
+def _read_checkpoint(ckpt_dir, step, device, dtype, tokenizer, rank):
+    """(model, meta, optimizer state or None) of one step; CheckpointError when a file of it is damaged."""
+    def damaged(name, why):
+        return CheckpointError(f"damaged checkpoint {os.path.join(ckpt_dir, name)} (step {step}): {why}")
+    meta_name, model_name = f"meta_{step:06d}.json", f"model_{step:06d}.pt"
+    optim_name = f"optim_{step:06d}_rank{rank}.pt"
+    try:
+        with open(os.path.join(ckpt_dir, meta_name), encoding="utf-8") as f:
+            meta = json.load(f)
+        config = GPTConfig(**meta["model_config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:   # unreadable, not JSON, no or a bad model_config
+        raise damaged(meta_name, f"{type(e).__name__}: {e}") from None
+    if tokenizer is not None and meta.get("tokenizer") != tokenizer.fingerprint():
+        raise ValueError(f"tokenizer mismatch: {ckpt_dir} step {step} was trained with tokenizer "
+                         f"{meta.get('tokenizer')}, the loaded tokenizer is {tokenizer.fingerprint()}")
+    try:
+        model = new_model(config, device, dtype)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:   # a model_config no model can have
+        raise damaged(meta_name, f"model_config {meta['model_config']} builds no model: {e}") from None
+    # torch.load raises many types for a damaged file (EOFError, RuntimeError, UnpicklingError, ...)
+    try:
+        state = torch.load(os.path.join(ckpt_dir, model_name), map_location=device, weights_only=True)
+    except Exception as e:
+        raise damaged(model_name, f"not a readable checkpoint ({type(e).__name__}: {e})") from None
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"config mismatch: weights in {ckpt_dir} step {step} do not fit {config}: {e}") from None
-    optim_path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")
-    optim_state = torch.load(optim_path, map_location=device, weights_only=True) if os.path.exists(optim_path) else None
+    except (RuntimeError, TypeError, AttributeError) as e:   # missing or misshapen weights, or not a state dict
+        raise damaged(model_name, f"config mismatch: the weights do not fit {config}: {e}") from None
+    optim_state = None
+    if os.path.exists(os.path.join(ckpt_dir, optim_name)):
+        try:
+            optim_state = torch.load(os.path.join(ckpt_dir, optim_name), map_location=device, weights_only=True)
+        except Exception as e:
+            # not a CheckpointError: each rank reads its own shard, and a rank that fell back alone
+            # would resume from another step than the others
+            raise ValueError(f"damaged optimizer state {os.path.join(ckpt_dir, optim_name)} (step {step}): "
+                             f"{type(e).__name__}: {e}; to resume from the previous checkpoint, move step "
+                             f"{step}'s files out of {ckpt_dir}") from None
     return model, meta, optim_state
+
+
+def load_checkpoint(stage, device, step=None, tag=None, tokenizer=None, rank=0, dtype=None):
+    """
+    Load (model, meta, optimizer state of this rank or None); the step saved last by default.
+    With a tokenizer, refuses a checkpoint trained with a different one. A damaged latest step
+    is reported (stderr) and the previous good one loaded; a step asked for by number is not replaced.
+    """
+    ckpt_dir, steps = require_checkpoint(stage, tag)
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(f"no {stage} checkpoint for step {step} in {ckpt_dir} (have {steps})")
+        return _read_checkpoint(ckpt_dir, step, device, dtype, tokenizer, rank)
+    # newest first, as _newest picks (a damaged meta still has a time)
+    order = sorted(steps, key=lambda s: (os.stat(os.path.join(ckpt_dir, f"meta_{s:06d}.json")).st_mtime_ns, s),
+                   reverse=True)
+    for i, s in enumerate(order):
+        try:
+            return _read_checkpoint(ckpt_dir, s, device, dtype, tokenizer, rank)
+        except CheckpointError as e:
+            if i + 1 == len(order):
+                raise CheckpointError(f"{e}" + ("; no older checkpoint loads either" if i else "")) from None
+            print0(f"warning: {e}; loading step {order[i + 1]} instead", file=sys.stderr)
 
 # ---------------------------------------------------------------------------
 # downloads: one helper for every remote file (DESIGN.md "Data sources")

@@ -40,8 +40,8 @@ import gpt
 # data
 data = ""                   # JSONL file of your own conversations; "" = none
 data_mode = "add"           # add: mixed into the task mixture; replace: your data alone
-simple_spelling_rows = 200000  # SimpleSpelling train rows in the mixture (REFERENCE §6)
-spelling_bee_rows = 80000   # SpellingBee train rows in the mixture (REFERENCE §6)
+simple_spelling_rows = 200000  # SimpleSpelling train rows in the mixture
+spelling_bee_rows = 80000   # SpellingBee train rows in the mixture
 buffer_size = 1000          # conversations per rank the best-fit packer chooses from
 # runtime
 model_tag = ""              # checkpoint tag to load and write; "" = the base's (d{n_layer})

@@ -49,14 +49,14 @@ import gpt
 # data
 download = -1               # >= 0: fetch this many train shards + the val shard, then exit
 loader_workers = -1         # tokenizer processes per rank; 0 = in-process; -1 = auto (0 off cuda)
-buffer_size = 1000          # documents per rank the best-fit packer chooses from (REFERENCE §2.2)
+buffer_size = 1000          # documents per rank the best-fit packer chooses from
 # runtime
 device = ""                 # "" = autodetect (cuda > mps > cpu)
 resume = 0                  # 1 = continue from the latest base checkpoint (model, optimizer, loader)
 use_compile = 1             # torch.compile the model on cuda (ignored on other devices)
 seed = 42                   # torch seed for the initial weights
 # model
-depth = 20                  # the dial: n_layer; width 64*depth, heads of 128 (REFERENCE §3.2)
+depth = 20                  # the dial: n_layer; width 64*depth, heads of 128
 n_embd = -1                 # width override for tiny models; -1 = 64*depth
 n_head = -1                 # heads override; -1 = from the width (head_dim 128, at least 1 head)
 max_seq_len = 2048          # tokens per row
@@ -65,7 +65,7 @@ device_batch_size = 32      # rows per rank per micro-step
 total_batch_size = 524288   # tokens per optimizer step across all ranks; grad accumulation is derived
 num_steps = -1              # optimizer steps; -1 = derive from target_flops or the ratio
 target_flops = -1.0         # total training FLOPs; -1 = unused
-target_param_data_ratio = 20.0  # training tokens per parameter (Chinchilla; REFERENCE §5 E)
+target_param_data_ratio = 20.0  # training tokens per parameter (Chinchilla's 20)
 # optimizer and schedules (REFERENCE §4.1, §5 E)
 embedding_lr = 0.2          # AdamW, token embedding
 unembedding_lr = 0.004      # AdamW, lm_head

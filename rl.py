@@ -53,7 +53,7 @@ top_k = 50                 # sample among the top-k tokens; 0 = full softmax
 embedding_lr = 0.2         # AdamW, token embedding
 unembedding_lr = 0.004     # AdamW, lm_head
 matrix_lr = 0.02           # Muon, transformer matrices
-init_lr_frac = 0.05        # §8: RL starts at 5% of the pretraining LRs
+init_lr_frac = 0.05        # RL starts at 5% of the pretraining LRs
 num_steps = -1             # -1 = one epoch of GSM8K train (len(train) // examples_per_step)
 # eval, logging, saving
 eval_every = 60            # steps between pass@k evals on GSM8K test; -1 = never
@@ -168,6 +168,12 @@ if __name__ == "__main__":
     if resume and gpt.latest_step("rl", tag=tag) is None:
         raise SystemExit(f"--resume=1 but there is no rl checkpoint under {gpt.home()}/checkpoints/rl; "
                          f"run without --resume first")
+    gpt.check_stage(init_stage)
+    if not resume:   # the starting checkpoint must exist before GSM8K is downloaded
+        try:
+            gpt.require_checkpoint(init_stage, tag)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
     tokenizer = gpt.load_tokenizer()
     log_path = os.path.join(gpt.home(), "logs", "rl.jsonl")
     stop_signal = gpt.stop_requests()   # filled by Ctrl-C / SIGTERM; acted on at the top of the next step

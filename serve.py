@@ -24,11 +24,15 @@ frees its row at the next step). A request goes to the worker with the least wor
 Run:
   python serve.py                          # latest sft checkpoint, http://127.0.0.1:8000
   python serve.py --stage=base --port=8080 --temperature=0.6 --top_k=50 --max_tokens=256
-  python serve.py --cli                    # terminal chat (quit/exit to leave, clear to restart)
-  python serve.py -p "Why is the sky blue?"    # one reply in the terminal, then exit
+  python serve.py --cli                    # terminal chat (/help lists its commands)
+  python serve.py -p "Why is the sky blue?"    # one reply on stdout (settings on stderr), then exit
 Options are --name=value for every knob below; `--cli` alone means --cli=1, and `-p TEXT` /
 `--prompt TEXT` mean --cli=1 --prompt=TEXT.
+
+With SLIMCHAT_HOME unset and no model of --stage under ~/.cache/slimchat, the newest other home
+beside it that has one (~/.cache/slimchat-tiny after `bash run_all.sh tiny`) is served, and said so.
 """
+import contextlib
 import functools
 import json
 import math
@@ -65,8 +69,8 @@ max_tokens = 512           # default cap on reply tokens when a request names no
 max_rows = 32              # replies decoded together per worker (each row's KV cache holds the full context)
 max_queue = 64             # requests waiting for a row, per worker; one more gets a 503
 cors_origins = ""          # comma-separated origins whose pages may call the API ("*" = any); "" = same origin only
-cli = False                # chat in the terminal instead of serving HTTP
-prompt = ""                # with cli: answer this one prompt and exit; "" = interactive
+cli = False                # chat in the terminal instead of serving HTTP (also: --cli)
+prompt = ""                # with cli: answer this one prompt and exit; "" = interactive (also: -p TEXT)
 # ---------------------------------------------------------------------------
 
 # Abuse limits: the reference's numbers (REFERENCE.md §11), answered with 400, never clamped.
@@ -90,6 +94,13 @@ MAX_STOPS = 4              # stop strings per request, as OpenAI allows
 FIELDS = ("messages", "model", "user", "temperature", "top_k", "top_p", "max_tokens", "max_completion_tokens",
           "seed", "n", "stop", "stream", "stream_options", "logprobs", "top_logprobs")
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0}
+# shown on the page and in the terminal when the model learned the synthetic mirror (`bash run_all.sh tiny`);
+# a tiny model of the test fixtures' size answers each of these prompts right (README "What the tiny model knows")
+TINY_WORLD_NOTE = ("This model was trained on the small synthetic world of the tiny preset (bash run_all.sh "
+                   "tiny): 16 people in 6 towns with their jobs, pets and friends, small sums, spelling, and "
+                   "GSM8K-style word problems. It knows nothing else. Try: \"Where does Edda live?\", \"What pet "
+                   "does Kofi have?\", \"How do you spell garden?\", \"Kofi has 4 cakes. Lena has twice as many "
+                   "cakes as Kofi. How many cakes do they have together?\", \"Tell me a short story about Nora.\"")
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
                  ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
@@ -590,6 +601,7 @@ class App:
         self.tokenizer, self.pool, self.defaults = tokenizer, Pool(workers), defaults
         self.cors_origins = set(cors_origins)
         self.load_error = load_error
+        self.about = None   # TINY_WORLD_NOTE when the model learned the synthetic mirror
         self.ready = bool(workers) and load_error is None
         self.context_len = workers[0].engine.model.config.sequence_len if self.ready else 0
         if self.ready:
@@ -612,7 +624,8 @@ class App:
         out = {"status": "ok" if self.ready else "model not loaded", "ready": self.ready,
                "model": self.model_id if self.ready else None, "num_workers": len(self.pool.workers),
                "available_workers": self.pool.available(), "context_len": self.context_len,
-               "max_rows": self.pool.workers[0].max_rows if self.ready else 0, "defaults": self.defaults}
+               "max_rows": self.pool.workers[0].max_rows if self.ready else 0, "defaults": self.defaults,
+               "about": self.about}
         if not self.ready:
             out["error"] = self.load_error
         return out
@@ -906,13 +919,39 @@ def build_app(config):
     defaults = {"temperature": config["temperature"], "top_k": config["top_k"] or None,
                 "max_tokens": config["max_tokens"]}
     try:
+        gpt.require_checkpoint(config["stage"], config["tag"] or None)   # "no model" before "no tokenizer"
         tokenizer, workers, meta = load_workers(config["stage"], config["step"], config["tag"], config["device"],
                                                 config["num_workers"], config["max_rows"], config["max_queue"])
     # startup boundary: serve the page and a 503 rather than die, so the user sees what is missing
     except (OSError, ValueError, AssertionError) as e:
         return App(None, [], None, defaults, load_error=str(e))
     origins = [o.strip() for o in config["cors_origins"].split(",") if o.strip()]
-    return App(tokenizer, workers, meta, defaults, cors_origins=origins)
+    app = App(tokenizer, workers, meta, defaults, cors_origins=origins)
+    app.about = TINY_WORLD_NOTE if gpt.synthetic_data() else None
+    return app
+
+
+def find_home(stage_name, tag_name):
+    """With SLIMCHAT_HOME unset and no checkpoint of the stage in the default home, point
+    SLIMCHAT_HOME at the newest other home that has one (the tiny preset's, ~/.cache/slimchat-tiny),
+    and say so: `python serve.py` after `bash run_all.sh tiny` then serves the tiny model."""
+    if os.environ.get("SLIMCHAT_HOME") or gpt.latest_step(stage_name, tag_name or None) is not None:
+        return
+    others = gpt.other_homes(os.path.join("checkpoints", stage_name, tag_name or "*", "meta_*.json"))
+    if others:
+        print(f"no {stage_name} model under {gpt.home()}; serving the one under {others[0]} "
+              f"(set SLIMCHAT_HOME to choose another)", file=sys.stderr)
+        os.environ["SLIMCHAT_HOME"] = others[0]
+
+
+def listen(host_name, port_num):
+    """The HTTP server bound to host:port, before the model loads; a port in use is one line and exit 1."""
+    try:
+        return ChatServer((host_name, port_num), None)
+    except OSError as e:
+        sys.exit(f"cannot listen on {host_name}:{port_num}: {e.strerror or e}; another server (a serve.py "
+                 f"still running?) may hold the port: stop it, or pick another with --port=N (0 = any free port)")
+
 
 # ---------------------------------------------------------------------------
 # terminal chat
@@ -947,7 +986,8 @@ def print_piece(state, kind, text):
 
 
 def terminal_reply(app, messages, config):
-    """One streamed reply printed to stdout; returns it as a history message (None if interrupted)."""
+    """One streamed reply printed to stdout; returns it as a history message (None if interrupted).
+    A reply cut at the token limit is marked so on stderr."""
     ids, max_new, _ = fit_context(app.tokenizer, messages, app.context_len, config["max_tokens"])
     state = {"kind": "text"}
     settings = {"temperature": config["temperature"], "top_k": config["top_k"] or None, "top_p": None, "n": 1,
@@ -960,7 +1000,11 @@ def terminal_reply(app, messages, config):
         print(" [stopped]")
         return None
     print_piece(state, "text", "")
-    print()
+    print(flush=True)
+    if reply.finish_reason == "length":
+        why = ("raise it with --max_tokens=N or /maxtokens N" if max_new == config["max_tokens"]
+               else "the model's context is full; /clear starts over")
+        print(f"[reply cut at the {max_new}-token limit: {why}]", file=sys.stderr, flush=True)
     return reply.message()
 
 
@@ -977,16 +1021,51 @@ def history_with(messages, text):
             turn = turn[2:]
 
 
+TERMINAL_HELP = """/temperature [v]  show or set the sampling temperature (0 to 2)
+/topk [v]         show or set top-k (1 to 200)
+/maxtokens [v]    show or set the reply's token limit (1 to 4096)
+/clear            start a new chat
+/help             this list
+/quit             leave (also Ctrl-D)"""
+TERMINAL_SETTINGS = {"/temperature": ("temperature", TEMPERATURE_RANGE, float),
+                     "/topk": ("top_k", TOP_K_RANGE, int), "/maxtokens": ("max_tokens", MAX_TOKENS_RANGE, int)}
+
+
+def terminal_setting(config, command, arg):
+    """/temperature, /topk, /maxtokens: show the setting, or set it within its range; -> the line to print."""
+    name, (lo, hi), kind = TERMINAL_SETTINGS[command]
+    if not arg:
+        return f"{name} = {config[name]}"
+    try:
+        value = kind(arg)
+    except ValueError:
+        return f"{command} takes {'a number' if kind is float else 'a whole number'} from {lo} to {hi}"
+    if not lo <= value <= hi:
+        return f"{command} takes a value from {lo} to {hi}"
+    config[name] = value
+    return f"{name} = {value}"
+
+
+def settings_line(app, config):
+    return (f"slimchat {app.model_id}: temperature {config['temperature']}, top_k {config['top_k']}, "
+            f"max_tokens {config['max_tokens']}")
+
+
 def chat_in_terminal(app, config):
     if not app.ready:
         sys.exit(f"model not loaded: {app.load_error}")
-    if config["prompt"]:
+    config = dict(config)   # /temperature and friends change this chat's copy
+    if config["prompt"]:   # stdout gets the reply only, so it can be piped
+        print(settings_line(app, config), file=sys.stderr)
         try:
             terminal_reply(app, check_messages([{"role": "user", "content": config["prompt"]}]), config)
         except ApiError as e:
             sys.exit(e.message)
         return
-    print(f"slimchat {app.model_id}: type a message; 'clear' starts over, 'quit' or Ctrl-D leaves.")
+    print(settings_line(app, config))
+    if app.about:
+        print(app.about)
+    print("type a message; /help lists the commands, /quit or Ctrl-D leaves.")
     messages = []
     while True:
         try:
@@ -994,11 +1073,21 @@ def chat_in_terminal(app, config):
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        if text in ("quit", "exit"):
+        command, _, arg = text.partition(" ")
+        if command in ("/quit", "/exit", "quit", "exit"):
             return
-        if text == "clear":
+        if command in ("/clear", "clear"):
             messages = []
             print("(conversation cleared)")
+            continue
+        if command == "/help":
+            print(TERMINAL_HELP)
+            continue
+        if command in TERMINAL_SETTINGS:
+            print(terminal_setting(config, command, arg.strip()))
+            continue
+        if command.startswith("/") and command[1:].isalpha():
+            print(f"unknown command {command}; try /help")
             continue
         if not text:
             continue
@@ -1018,14 +1107,21 @@ def chat_in_terminal(app, config):
 
 
 if __name__ == "__main__":
-    config = gpt.apply_overrides(globals(), cli_argv(sys.argv[1:]))
-    app = build_app(config)
+    argv = cli_argv(sys.argv[1:])
+    if "--help" in argv or "-h" in argv:
+        gpt.apply_overrides(globals(), argv)
+    with contextlib.redirect_stdout(sys.stderr):   # startup chatter on stderr: `-p` prints only the reply
+        config = gpt.apply_overrides(globals(), argv)
+        gpt.check_stage(config["stage"])
+        find_home(config["stage"], config["tag"])
+        server = None if config["cli"] else listen(config["host"], config["port"])
+        app = build_app(config)
     if config["cli"]:
         chat_in_terminal(app, config)
         sys.exit(0)
     if not app.ready:
         print(f"model not loaded: {app.load_error}\nserving the page anyway; chat requests get 503", file=sys.stderr)
-    server = ChatServer((config["host"], config["port"]), app)
+    server.app = app
     print(f"slimchat serving {app.model_id} on http://{config['host']}:{server.server_address[1]}/ "
           f"with {len(app.pool.workers)} worker(s)", flush=True)
     try:

@@ -43,9 +43,9 @@ import gpt
 # data
 data = ""                   # JSONL file of your own conversations; "" = none
 data_mode = "add"           # add: mixed into the task mixture; replace: your data alone
-smoltalk_rows = 10000       # first rows of SmolTalk train in the mixture (REFERENCE §7: 10K)
-spelling_rows = 300         # rows each of SimpleSpelling and SpellingBee (REFERENCE §7: 300)
-mmlu_epochs = 0             # passes over MMLU auxiliary_train added to the mixture (§7: E 0, H 3)
+smoltalk_rows = 10000       # first rows of SmolTalk train in the mixture
+spelling_rows = 300         # rows each of SimpleSpelling and SpellingBee
+mmlu_epochs = 0             # passes over MMLU auxiliary_train added to the mixture (nanochat: 0, later 3)
 # runtime
 init_stage = "mid"          # stage whose latest checkpoint we start from: mid | base
 model_tag = ""              # checkpoint tag to load and write; "" = the source's (d{n_layer})
@@ -62,7 +62,7 @@ unembedding_lr = 0.004      # AdamW, lm_head
 matrix_lr = 0.02            # Muon, transformer matrices
 init_lr_frac = 0.02         # multiplier on the three LRs above
 warmdown_frac = 1.0         # fraction of the run at the end over which the LR decays linearly to 0
-loss_per = "token"          # token: every assistant token weighs the same (REFERENCE); conversation: every row does
+loss_per = "token"          # token: every assistant token weighs the same (nanochat); conversation: every row does
 # evaluation and checkpoints
 eval_every = 100            # steps between val bpb evals (assistant tokens of SmolTalk test); -1 = never (always at the last step)
 eval_steps = 100            # val micro-batches per eval
@@ -156,6 +156,7 @@ def lr_multiplier(step, num_steps, warmdown_frac):
 
 if __name__ == "__main__":
     config = gpt.apply_overrides(globals())
+    gpt.check_stage(init_stage)
     if loss_per not in ("token", "conversation"):
         raise SystemExit(f"--loss_per={loss_per}: use token or conversation")
     if not 0 < warmdown_frac <= 1:

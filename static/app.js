@@ -229,6 +229,7 @@ function render() {
     const empty = el("div", "empty");
     empty.appendChild(el("h2", null, "What's on your mind?"));
     empty.appendChild(el("p", null, "Replies stream from the model running in serve.py. Type /help for commands."));
+    if (state.about) empty.appendChild(el("p", "about", state.about));   // what a tiny model knows
     list.appendChild(empty);
   }
   scrollDown();
@@ -242,10 +243,14 @@ function renderLast() {   // at most one re-render of the streaming reply per fr
     pending = false;
     const index = state.messages.length - 1;
     const msg = state.messages[index], old = $("messages").lastElementChild;
+    // a frame asked for by the stream's last chunk can run after the stream ended: its full
+    // render() has drawn the finished reply, and drawing it again would replace the nodes a
+    // reader (a test, a screen reader) already holds
+    if (!msg?.streaming) return;
     // refill the reply's body in place, so its message and body nodes stay the same while it
     // streams (a reader such as a test or a screen reader is not handed a node replaced every
     // frame); the note and Regenerate button come with the full render() when the stream ends
-    if (msg?.streaming && old && old.dataset.index == index) fillReplyBody(old.querySelector(".body"), msg);
+    if (old && old.dataset.index == index) fillReplyBody(old.querySelector(".body"), msg);
     else render();
     scrollDown();
   });
@@ -392,6 +397,7 @@ async function checkHealth() {
     const health = await response.json();
     if (health.defaults) Object.assign(state.settings, health.defaults);   // top_k null = no top-k
     if (health.ready) {
+      if (health.about) { state.about = health.about; if (!state.messages.length) render(); }
       setStatus(health.model, true);
       banner.hidden = true;
     } else {

@@ -71,6 +71,9 @@ def problems(report):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] in (["--help"], ["-h"]):
+        print(__doc__.strip())
+        sys.exit(0)
     if len(sys.argv) != 2:
         sys.exit("usage: python tests/check_report.py PATH/report.json")
     with open(sys.argv[1]) as f:

@@ -353,7 +353,7 @@ def fabricate_home(home):
 
 
 def test_report_from_fabricated_logs(tmp_path):
-    """Missing stages show '–'; later eval runs override earlier ones; curves become inline SVG."""
+    """Missing stages show '–'; later eval runs override earlier ones; curves become SVG files."""
     home = str(tmp_path / "home")
     fabricate_home(home)
     md_path, json_path = ev.write_report(home)
@@ -361,7 +361,8 @@ def test_report_from_fabricated_logs(tmp_path):
     data = json.load(open(json_path))
     assert "| CORE | 0.1234 | – | – | – |" in md
     assert "| GSM8K | – | – | 0.0700 | – |" in md and "| MMLU | – | – | 0.3000 | – |" in md
-    assert md.count("<svg") == 1 and "base loss" in md        # val_bpb has a single point: no chart
+    # val_bpb has a single point: no chart; the loss chart is a file beside report.md, linked
+    assert "<svg" not in md and "](charts/base_loss.svg)" in md and data["charts"] == {"base": {"loss": "charts/base_loss.svg"}}
     assert "config: depth=2, num_steps=4" in md and "## RL (rl)\n\n–" in md
     base = data["stages"]["base"]
     assert base["train_time_s"] == 2.5 and base["final"]["min_val_bpb"] == 1.25
@@ -395,7 +396,9 @@ def test_cli_base_eval_and_report_end_to_end(base_home, mirror, tmp_path):
     run_script(["evaluate.py", "--report=1"], env)
     md = open(os.path.join(home, "report", "report.md")).read()
     assert f"| CORE | {results['CORE']:.4f} | – | – | – |" in md
-    assert "<svg" in md and "vocab_size: 512" in md
+    assert "](charts/base_loss.svg)" in md and "vocab_size: 512" in md
+    assert os.path.exists(os.path.join(home, "report", "charts", "base_loss.svg"))
+    assert "synthetic offline mirror" in md   # the shards came from tests/tinyworld.py
 
 
 def test_chat_evals_end_to_end(base_home, mirror, tmp_path, monkeypatch):

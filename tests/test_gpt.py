@@ -464,8 +464,8 @@ def test_apply_overrides():
     knobs = gpt.apply_overrides(scope, ["--depth=6", "--lr=1", "--use_compile=0", "--device=cpu", "--init_stage=mid"])
     assert knobs == {"depth": 6, "lr": 1.0, "use_compile": False, "device": "cpu", "init_stage": "mid"}
     assert scope["depth"] == 6 and type(scope["lr"]) is float
-    for argv, message in [(["--detph=3"], "did you mean --depth"), (["--depth=2.5"], "expected a int"),
-                          (["--use_compile=maybe"], "expected a bool"), (["depth=3"], "expected --name=value"),
+    for argv, message in [(["--detph=3"], "did you mean --depth"), (["--depth=2.5"], "expected an int"),
+                          (["--use_compile=maybe"], "expected 1, 0, true or false"), (["depth=3"], "expected --name=value"),
                           (["--MAX=4"], "unknown knob")]:
         with pytest.raises(SystemExit, match=message):
             gpt.apply_overrides(dict(scope), argv)

@@ -154,6 +154,21 @@ def test_tool_call_shown(browser, site):
         server.server_close()
 
 
+def test_finished_reply_is_drawn_once(browser, site):
+    """The race behind a StaleElementReferenceException in test_tool_call_shown: a frame that the
+    stream's last chunk asked for ran after the stream ended and drew the finished reply again,
+    replacing the nodes a reader had just found. Frames are slowed to 0.3 s here, so such a frame
+    is still pending when the stream ends, every time."""
+    url, _ = site
+    open_page(browser, url)
+    browser.execute_script("window.requestAnimationFrame = (f) => setTimeout(f, 300);")
+    type_and_send(browser, "hello")
+    reply = finished_reply(browser)
+    browser.execute_script("arguments[0].dataset.seen = 'yes';", reply)
+    time.sleep(0.8)
+    assert browser.execute_script("return document.querySelector('.msg.assistant:last-child').dataset.seen") == "yes"
+
+
 def test_slash_commands(browser, site):
     url, _ = site
     open_page(browser, url)
@@ -226,7 +241,7 @@ def test_model_not_loaded_state(browser, tmp_path, monkeypatch):
         open_page(browser, f"http://127.0.0.1:{port}/")
         assert browser.find_element(By.ID, "status").text == "model not loaded"
         banner = browser.find_element(By.ID, "banner")
-        assert banner.is_displayed() and "Model not loaded" in banner.text and "tokenizer" in banner.text
+        assert banner.is_displayed() and "Model not loaded" in banner.text and "python sft.py" in banner.text
         type_and_send(browser, "anyone there?")
         wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.error"))
         assert "model not loaded" in browser.find_element(By.CSS_SELECTOR, ".msg.error .body").text
@@ -346,3 +361,17 @@ def test_server_gone_mid_reply_and_unreachable(browser, site, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_tiny_world_note_on_the_empty_chat(browser, site):
+    """A model that learned the synthetic mirror: the empty chat says what it knows, with prompts."""
+    _, app = site
+    server, port = start_server(scripted_app(app.tokenizer))
+    server.app.about = serve.TINY_WORLD_NOTE
+    try:
+        open_page(browser, f"http://127.0.0.1:{port}/")
+        wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, ".empty .about"))
+        assert "Where does Edda live?" in browser.find_element(By.CSS_SELECTOR, ".empty .about").text
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -12,7 +12,7 @@ model (gpt.py, MuonAdamW) trained 300 steps of 16x128 tokens on the default shar
 "About Mira. Mira lives in" with the right town for 16 of 16 people, "3 + 4 = 7. a + b =" for
 about 6 of 16 sums.
 
-Layout (the hub's real one, CONTRACT.md "Hub files"; schemas REFERENCE.md §16, §17):
+Layout (the hub's real one, with the real files' schemas):
     <out>/datasets/<org>/<name>/resolve/main/<file>     parquet files of the hub repos
     <out>/files/<name>                                  eval_bundle.zip, identity_conversations.jsonl,
                                                         words_alpha.txt
@@ -409,8 +409,9 @@ def build_pretraining(out_dir, seed, world, sizes):
     for filename, num_docs in shards + [(VAL_SHARD, sizes["val_docs"])]:
         rng = random.Random(f"tinyworld-{seed}-{filename}")
         texts = [make_document(rng, world) for _ in range(num_docs)]
-        write_table(hub_path(out_dir, PRETRAIN_REPO, filename), pa.table({"text": texts}),
-                    sizes["row_group_size"])
+        # marked as ours, so the report card and serve.py can say the model learned this world
+        table = pa.table({"text": texts}).replace_schema_metadata({"slimchat_source": "tinyworld"})
+        write_table(hub_path(out_dir, PRETRAIN_REPO, filename), table, sizes["row_group_size"])
 
 
 # ---------------------------------------------------------------------------
@@ -1007,7 +1008,8 @@ def main(argv):
     args = {"out": None, "serve": -1, "seed": 0}
     sizes = {}
     if "--help" in argv or "-h" in argv:
-        sys.exit(__doc__ + "\nsizes (--name=N): " + " ".join(f"{k}={v}" for k, v in SIZES.items()))
+        print(__doc__.strip() + "\n\nsizes (--name=N): " + " ".join(f"{k}={v}" for k, v in SIZES.items()))
+        sys.exit(0)
     for arg in argv:
         name, eq, text = arg.lstrip("-").partition("=")
         if not (arg.startswith("--") and eq):
