@@ -111,6 +111,7 @@ download_pid=""
 # runs in the foreground, so a SIGTERM sent to this script alone would not reach the stage.
 # (Ctrl-C reaches both through the terminal; a second signal to a stage changes nothing.)
 on_signal() {
+    local pid
     interrupted=1
     for pid in "$stage_pid" "$download_pid"; do
         [ -z "$pid" ] || kill -TERM "$pid" 2>/dev/null || true
