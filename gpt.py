@@ -906,27 +906,30 @@ def _atomic_write(path, write):
         raise
 
 
+def _writer_gone(pid, host):
+    """True when the process that writes a temp file no longer runs (known for this machine only)."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass   # alive, another user's
+    return False
+
+
 def _remove_temp_files(ckpt_dir, only_dead_writers):
     """Delete the <name>.tmp<pid>-<host> files that killed saves left in ckpt_dir (gigabytes each
-    at d20). With only_dead_writers, delete only those of processes of this machine that are gone:
-    a reader may load while a training run, here or on another node, saves into the same folder."""
+    at d20). With only_dead_writers, delete only those whose writer is gone: a reader may load
+    while a training run, on this machine or another, saves into the same folder."""
     for name in os.listdir(ckpt_dir):
-        if not (m := re.fullmatch(r".+\.tmp(\d+)-(.+)", name)):
-            continue
-        if only_dead_writers:
-            if m.group(2) != socket.gethostname():
-                continue
+        m = re.fullmatch(r".+\.tmp(\d+)-(.+)", name)
+        if m and (not only_dead_writers or _writer_gone(int(m.group(1)), m.group(2))):
             try:
-                os.kill(int(m.group(1)), 0)
-                continue   # the writer is alive
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue   # alive, another user's
-        try:
-            os.remove(os.path.join(ckpt_dir, name))
-        except FileNotFoundError:
-            pass   # another rank removed it first
+                os.remove(os.path.join(ckpt_dir, name))
+            except FileNotFoundError:
+                pass   # a reader in another process removed it first
 
 
 def _checkpoint_dir(stage, tag):
