@@ -1,7 +1,8 @@
 """
 Tests for gpt.py: model parity (KV cache vs full recompute), Engine sampling and tool use,
 the calculator, Muon + AdamW, checkpoints, overrides, and the download helper against a real
-loopback HTTP server. CPU, fp32, deterministic. The 2-process torchrun test is in test_gpt_dist.py.
+loopback HTTP server. CPU, fp32, deterministic. The optimizer's 2-process torchrun test is in
+test_gpt_dist.py; the checkpoint's write order across 2 ranks is tested here.
 """
 import http.server
 import json
