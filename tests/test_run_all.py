@@ -196,13 +196,19 @@ def trained_past(home, step):
     return any("loss" in r and r["step"] > step for r in records)
 
 
+# bash cannot trap a signal that was ignored when it started (pytest may run with SIGINT ignored,
+# as a background job does): a small Python sets SIGINT back to its default, then becomes bash.
+BASH_WITH_SIGINT = "import os, signal; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp('bash', {})"
+
+
 def start_tiny(repo, home, out_path):
-    """`bash run_all.sh tiny` in its own session (a terminal's foreground job: Ctrl-C goes to the
-    whole group), with SIGINT at its default even when pytest itself runs with it ignored."""
+    """`bash run_all.sh tiny` in its own session, like a terminal's foreground job (Ctrl-C goes to
+    the whole process group); the returned process is bash itself."""
+    argv = ["bash", "run_all.sh", "tiny"]
     with open(out_path, "w") as out:
-        return subprocess.Popen(["bash", "run_all.sh", "tiny"], cwd=repo, env=dict(os.environ, SLIMCHAT_HOME=home,
-                                OMP_NUM_THREADS="1"), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        return subprocess.Popen([sys.executable, "-c", BASH_WITH_SIGINT.format(argv)], cwd=repo,
+                                env=dict(os.environ, SLIMCHAT_HOME=home, OMP_NUM_THREADS="1"), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_until(proc, condition, out_path, timeout=240):
