@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -863,17 +864,46 @@ def autodetect_device():
     return "cpu"
 
 
+def nvidia_driver():
+    """The NVIDIA driver version that nvidia-smi reports, or None (no nvidia-smi, or it sees no GPU)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.split()
+    return lines[0] if out.returncode == 0 and lines else None
+
+
+def no_cuda_message(driver):
+    """Why torch sees no GPU here, and the fix: the usual cause is a torch built for a newer CUDA
+    than the driver runs (PyPI's default torch needs a 580-series driver, README "What the speedrun needs")."""
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
+    version = torch.__version__.split("+")[0]
+    return (f"torch sees no CUDA GPU: torch {torch.__version__} is built for {build}, the NVIDIA driver is "
+            f"{driver or 'not found (nvidia-smi is missing or sees no GPU)'}. Fix: install the torch build "
+            f"that this driver runs (bash run_all.sh picks it; by hand, with BUILD from README's table, e.g. "
+            f"cu126 for drivers from 560.28.03: pip install torch=={version}+BUILD --index-url "
+            f"https://download.pytorch.org/whl/BUILD), or upgrade the driver. To use the CPU anyway: --device=cpu")
+
+
 def compute_init(device=""):
     """
     Set up compute for this process: pick the device ("" = cuda > mps > cpu), join the process
     group when launched by torchrun (nccl on cuda, gloo otherwise), seed every RNG with 42 so
     all ranks build identical models. Returns (ddp, rank, local_rank, world_size, device).
+    Stops when torch sees no GPU although cuda was asked for, or nvidia-smi lists GPUs: training
+    on the CPU there would run for days without an error.
     """
     device_type = device.split(":")[0] if device else autodetect_device()
     if device_type not in ("cuda", "mps", "cpu"):
         raise ValueError(f"unknown device {device!r}: use cuda, mps, cpu, or '' to autodetect")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda requested but torch sees no CUDA GPU; use --device=cpu")
+        raise SystemExit(no_cuda_message(nvidia_driver()))
+    if not device and device_type != "cuda" and (driver := nvidia_driver()):
+        raise SystemExit(no_cuda_message(driver))
     ddp = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
@@ -892,8 +922,19 @@ def compute_init(device=""):
     return ddp, rank, local_rank, world_size, dev
 
 
-def compute_cleanup():
-    """Leave the process group at the end of a stage. Under torchrun this also ends the process."""
+# A training stage stopped by Ctrl-C or SIGTERM saves a checkpoint, then exits with this status
+# ("stopped early, checkpoint saved"; sysexits.h's EX_TEMPFAIL, "try again later"). run_all.sh
+# then stops the pipeline without stamping the stage, and its next run resumes it.
+STOPPED_EXIT_CODE = 75
+
+
+def compute_cleanup(stopped=False):
+    """Leave the process group at the end of a stage. Under torchrun this also ends the process.
+    stopped: a stop request (Ctrl-C, SIGTERM) ended the run early, after saving a checkpoint; the
+    process then exits with STOPPED_EXIT_CODE, so that no caller takes it for a finished stage."""
+    code = STOPPED_EXIT_CODE if stopped else 0
+    if stopped:
+        print0(f"stopped early: the checkpoint is saved, --resume=1 continues (exit status {code})")
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
         # Skip the interpreter's shutdown: there, after destroy_process_group, torch 2.13's gloo
@@ -902,7 +943,9 @@ def compute_cleanup():
         # reports a finished run as a failed rank. Everything this stage wrote is closed by now.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+    if stopped:
+        sys.exit(code)
 
 
 def compute_dtype(device):
@@ -1072,10 +1115,43 @@ def log_jsonl(path, record):
 
 
 def _atomic_write(path, write):
-    """write(tmp_path) then rename: readers see the old file or the whole new one, never a part."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    """write(tmp_path) then rename: readers see the old file or the whole new one, never a part.
+    A write that fails or is interrupted (a full disk, Ctrl-C) removes its temp file; the temp
+    file's name says which process on which machine writes it (see _remove_temp_files)."""
+    tmp = f"{path}.tmp{os.getpid()}-{socket.gethostname()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _writer_gone(pid, host):
+    """True when the process that writes a temp file no longer runs (known for this machine only)."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass   # alive, another user's
+    return False
+
+
+def _remove_temp_files(ckpt_dir, only_dead_writers):
+    """Delete the <name>.tmp<pid>-<host> files that killed saves left in ckpt_dir (gigabytes each
+    at d20). With only_dead_writers, delete only those whose writer is gone: a reader may load
+    while a training run, on this machine or another, saves into the same folder."""
+    for name in os.listdir(ckpt_dir):
+        m = re.fullmatch(r".+\.tmp(\d+)-(.+)", name)
+        if m and (not only_dead_writers or _writer_gone(int(m.group(1)), m.group(2))):
+            try:
+                os.remove(os.path.join(ckpt_dir, name))
+            except FileNotFoundError:
+                pass   # a reader in another process removed it first
 
 
 def _checkpoint_dir(stage, tag):
@@ -1110,8 +1186,9 @@ def latest_step(stage, tag=None):
 
 def save_checkpoint(stage, step, model, meta, optimizer=None, rank=0, tag=None):
     """
-    Rank 0 writes model_<step>.pt then meta_<step>.json (meta last: its presence means the
-    checkpoint is whole); every rank writes its optimizer shard optim_<step>_rank<r>.pt.
+    Every rank writes its optimizer shard optim_<step>_rank<r>.pt, rank 0 model_<step>.pt; after
+    a barrier (every shard is on disk) rank 0 removes what killed saves left behind and writes
+    meta_<step>.json, last: its presence means the checkpoint is whole. Every rank must call this.
     meta gains model_config, step and stage; put the tokenizer fingerprint in meta["tokenizer"].
     """
     tag = tag or f"d{model.config.n_layer}"
@@ -1124,6 +1201,10 @@ def save_checkpoint(stage, step, model, meta, optimizer=None, rank=0, tag=None):
         # a torch.compile'd model prefixes names with _orig_mod.; store plain names
         state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
         _atomic_write(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), lambda p: torch.save(state, p))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()   # a kill before this point leaves no meta, so no half-written checkpoint is named
+    if rank == 0:
+        _remove_temp_files(ckpt_dir, only_dead_writers=False)   # every writer of this run is done
         full_meta = {**meta, "model_config": asdict(model.config), "step": step, "stage": stage}
         text = json.dumps(full_meta, indent=2)
         _atomic_write(os.path.join(ckpt_dir, f"meta_{step:06d}.json"),
@@ -1197,6 +1278,8 @@ def load_checkpoint(stage, device, step=None, tag=None, tokenizer=None, rank=0, 
     is reported (stderr) and the previous good one loaded; a step asked for by number is not replaced.
     """
     ckpt_dir, steps = require_checkpoint(stage, tag)
+    if rank == 0:
+        _remove_temp_files(ckpt_dir, only_dead_writers=True)
     if step is not None:
         if step not in steps:
             raise FileNotFoundError(f"no {stage} checkpoint for step {step} in {ckpt_dir} (have {steps})")

@@ -506,4 +506,4 @@ if __name__ == "__main__":
     gpt.print0(f"done at step {step}: min val bpb {loop['min_val_bpb']:.4f}, "
                f"training time {loop['training_time'] / 60:.2f}m")
     train_loader.close()
-    gpt.compute_cleanup()
+    gpt.compute_cleanup(stopped=not last_step)   # stopped by Ctrl-C/SIGTERM: exit status 75

@@ -19,7 +19,7 @@ pass@1..k is measured on a slice of GSM8K test (k = eval_samples samples per que
 reads:  latest checkpoints/sft/<tag>/ and the tokenizer under $SLIMCHAT_HOME; GSM8K via the hub
 writes: checkpoints/rl/<tag>/ (model, meta, per-rank optimizer shards), logs/rl.jsonl
 Ctrl-C (SIGINT, or SIGTERM as sent by torchrun) saves a checkpoint at the end of the current
-step; --resume=1 continues from the latest rl checkpoint.
+step and exits with status 75 (gpt.STOPPED_EXIT_CODE); --resume=1 continues from the latest rl checkpoint.
 
 smoke: python rl.py --device=cpu --num_steps=4 --examples_per_step=2 --num_samples=4 --device_batch_size=4 --max_new_tokens=64 --eval_examples=8
 one GPU: python rl.py
@@ -289,4 +289,4 @@ if __name__ == "__main__":
             gpt.log_jsonl(log_path, {"step": step, "reward": reward_sum / count, "sample_len": token_sum / count,
                                  "lrm": lrm, "dt": dt})
 
-    gpt.compute_cleanup()
+    gpt.compute_cleanup(stopped=not last_step)   # stopped by Ctrl-C/SIGTERM: exit status 75

@@ -1,7 +1,8 @@
 """
 Tests for gpt.py: model parity (KV cache vs full recompute), Engine sampling and tool use,
 the calculator, Muon + AdamW, checkpoints, overrides, and the download helper against a real
-loopback HTTP server. CPU, fp32, deterministic. The 2-process torchrun test is in test_gpt_dist.py.
+loopback HTTP server. CPU, fp32, deterministic. The optimizer's 2-process torchrun test is in
+test_gpt_dist.py; the checkpoint's write order across 2 ranks is tested here.
 """
 import http.server
 import json
@@ -441,6 +442,100 @@ def test_killed_save_leaves_a_loadable_checkpoint(tmp_path):
     for name in os.listdir(ckpt_dir):
         if name.startswith("model_") and name.endswith(".pt"):
             torch.load(ckpt_dir / name, weights_only=True)
+
+
+SLOW_SECOND_RANK = """
+import os, time, gpt
+_, rank, _, _, _ = gpt.compute_init("cpu")
+model = gpt.new_model(gpt.GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32), "cpu")
+if rank == 1:
+    time.sleep(3)   # a slow disk: this rank's optimizer shard lands late
+gpt.save_checkpoint("base", 7, model, {}, optimizer=model.setup_optimizer(), rank=rank)
+if rank == 0:   # save_checkpoint has returned: is the meta there before rank 1's shard?
+    ckpt = os.path.join(gpt.home(), "checkpoints", "base", "d1")
+    print("meta", os.path.exists(os.path.join(ckpt, "meta_000007.json")),
+          "shard1", os.path.exists(os.path.join(ckpt, "optim_000007_rank1.pt")), flush=True)
+gpt.compute_cleanup()
+"""
+
+
+def test_meta_is_written_after_every_rank_saved_its_shard(tmp_path):
+    """Two real gloo ranks, the second one slow: meta (the mark of a whole checkpoint) must not
+    appear before its optimizer shard, or a kill in between resumes with that rank's state lost."""
+    script = tmp_path / "save.py"
+    script.write_text(SLOW_SECOND_RANK)
+    env = {**os.environ, "SLIMCHAT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "meta True shard1 True" in proc.stdout, proc.stdout
+
+
+def test_interrupted_write_leaves_no_temp_file(tmp_path):
+    """A full disk or a Ctrl-C in the middle of a checkpoint write: the partial temp file (gigabytes
+    at d20) is removed, not left next to the checkpoints."""
+    def disk_full(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    def ctrl_c(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGINT)   # Python's own handler raises KeyboardInterrupt here
+
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        for write, error in ((disk_full, OSError), (ctrl_c, KeyboardInterrupt)):
+            with pytest.raises(error):
+                gpt._atomic_write(str(tmp_path / "model_000001.pt"), write)
+            assert os.listdir(tmp_path) == []
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
+def test_stale_temp_files_are_removed_on_save_and_load():
+    """Temp files of killed saves go at the next save into the folder (every writer of the run is
+    done by then), and at a load when their process is gone; a live writer's file, or one from
+    another machine sharing the folder, stays at a load."""
+    import socket
+    model = random_model(gpt.GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    gpt.save_checkpoint("base", 1, model, {})
+    ckpt_dir = os.path.join(gpt.home(), "checkpoints", "base", "d1")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()   # its pid names a process that no longer runs
+    host = socket.gethostname()
+    dead, alive, elsewhere = (f"model_000002.pt.tmp{gone.pid}-{host}", f"optim_000002_rank0.pt.tmp{os.getpid()}-{host}",
+                              f"optim_000002_rank1.pt.tmp{gone.pid}-another-node")
+    for name in (dead, alive, elsewhere):
+        open(os.path.join(ckpt_dir, name), "wb").close()
+    gpt.load_checkpoint("base", "cpu")
+    assert sorted(n for n in os.listdir(ckpt_dir) if ".tmp" in n) == sorted([alive, elsewhere])
+    gpt.save_checkpoint("base", 2, model, {})
+    assert [n for n in os.listdir(ckpt_dir) if ".tmp" in n] == []
+
+
+def test_no_gpu_seen_by_torch_stops_with_the_fix(tmp_path, monkeypatch):
+    """nvidia-smi lists a GPU but torch sees none (a torch built for a newer CUDA than the driver):
+    autodetection must stop, naming torch's CUDA build and the driver, instead of training on the
+    CPU. --device=cpu still runs; --device=cuda stops the same way."""
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a GPU here")
+    fake = tmp_path / "bin" / "nvidia-smi"   # stands in for the driver's tool on this GPU-less machine
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 535.104.05\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for device in ("", "cuda"):
+        with pytest.raises(SystemExit) as stop:
+            gpt.compute_init(device)
+        message = str(stop.value)
+        assert "535.104.05" in message and f"torch {torch.__version__} is built for" in message, message
+        assert "download.pytorch.org/whl/" in message and "--device=cpu" in message, message
+    assert gpt.compute_init("cpu")[4] == torch.device("cpu")
 
 
 def test_compute_init_without_torchrun(monkeypatch):

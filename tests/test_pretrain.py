@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import bpe
+import gpt
 import pretrain
 from conftest import ROOT, run_script
 
@@ -158,7 +159,8 @@ def test_sigkill_then_resume_ends_where_an_uninterrupted_run_does(base_home, mir
 
 
 def test_sigint_saves_a_checkpoint_then_exits(base_home, mirror, tmp_path):
-    """Ctrl-C mid-run: a checkpoint of the current step is written and the process exits cleanly."""
+    """Ctrl-C mid-run: a checkpoint of the current step is written and the process exits with
+    status 75, "stopped early, checkpoint saved", so that run_all.sh does not take it for finished."""
     home = data_home(base_home, tmp_path)
     log = os.path.join(home, "logs", "base.jsonl")
     proc = subprocess.Popen([sys.executable, "pretrain.py", *TINY, "--num_steps=100000"], cwd=ROOT,
@@ -169,7 +171,7 @@ def test_sigint_saves_a_checkpoint_then_exits(base_home, mirror, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == gpt.STOPPED_EXIT_CODE == 75, out
     step = max(losses(read_log(home)))
     assert f"saved step {step} to" in out
     assert os.path.exists(os.path.join(home, "checkpoints", "base", "d2", f"meta_{step:06d}.json"))

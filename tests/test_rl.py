@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import gpt
 import rl
 from conftest import ROOT, copy_home, run_script
 
@@ -158,7 +159,8 @@ def test_torchrun_two_ranks_match_one_process_then_resume(learning_run, sft_home
 
 
 def test_ctrl_c_saves_and_stops(sft_home, mirror, tmp_path):
-    """SIGINT mid-run: the step in flight finishes, a checkpoint is written, the exit is clean."""
+    """SIGINT mid-run: the step in flight finishes, a checkpoint is written, the exit status is 75
+    ("stopped early, checkpoint saved")."""
     home = copy_home(sft_home, tmp_path / "home")
     args = ["--device=cpu", "--num_steps=500", "--examples_per_step=1", "--num_samples=2",
             "--device_batch_size=2", "--max_new_tokens=16", "--eval_every=-1", "--save_every=-1"]
@@ -169,7 +171,7 @@ def test_ctrl_c_saves_and_stops(sft_home, mirror, tmp_path):
             break
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output
+    assert proc.returncode == gpt.STOPPED_EXIT_CODE, output
     train, _ = read_log(home)
     saved = sorted(f for f in os.listdir(os.path.join(home, "checkpoints", "rl", "d2")) if f.startswith("meta_"))
     assert saved == [f"meta_{len(train):06d}.json"] and 2 <= len(train) < 500

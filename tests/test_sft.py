@@ -241,8 +241,8 @@ def test_midtrain_killed_then_resumed_matches_uninterrupted(mirror, base_home, m
 
 
 def test_sft_interrupted_then_resumed_matches_uninterrupted(mirror, mid_home, own_data, tmp_path):
-    """Ctrl-C (SIGINT) saves a checkpoint at the current step and exits cleanly; --resume=1 then
-    ends with exactly the weights of an uninterrupted run."""
+    """Ctrl-C (SIGINT) saves a checkpoint at the current step and exits with status 75 ("stopped
+    early, checkpoint saved"); --resume=1 then ends with exactly the weights of an uninterrupted run."""
     args = ["sft.py", *SFT_ARGS, "--num_steps=60", "--device_batch_size=8", "--examples_per_step=8",
             f"--data={own_data}"]
     whole = copy_home(mid_home, tmp_path / "whole")
@@ -250,7 +250,7 @@ def test_sft_interrupted_then_resumed_matches_uninterrupted(mirror, mid_home, ow
     home = copy_home(mid_home, tmp_path / "home")
     env = dict(mirror["env"], SLIMCHAT_HOME=home)
     code, out = run_until(args, env, "step 00020/", signal.SIGINT)
-    assert code == 0, out
+    assert code == gpt.STOPPED_EXIT_CODE, out
     stopped_at, _ = latest_weights(home, "sft")
     assert 20 <= stopped_at < 60, out
     run_script([*args, "--resume=1"], env)
