@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bpe
 
@@ -52,6 +53,12 @@ ROPE_BASE = 10000.0       # rotary base at E (H moved to 100k)
 ROPE_CACHE_FACTOR = 10    # rotary tables cover 10x sequence_len positions, for long generations
 LOGIT_SOFTCAP = 15.0      # logits = 15·tanh(logits/15)
 HEAD_DIM = 128            # config_from_depth: heads of 128 dims (REFERENCE §3.2)
+# Elements per token per layer, in units of n_embd, that the compiled training graph saves for the
+# backward: the block's input and its normed copies (5), q and k as rotated (2), q, k, v and the
+# attention output as the attention kernel takes them (4), and the MLP's 4x-wide pre- and
+# post-activation (8). Measured on CPU with
+# torch.compile's partitioner and inductor's decompositions (tests/test_memory.py checks it).
+SAVED_PER_LAYER = 19
 ASPECT = 64               # config_from_depth: width = 64·depth
 
 # ---------------------------------------------------------------------------
@@ -246,6 +253,25 @@ class GPT(nn.Module):
         n = self.num_params()
         return 6 * (n["total"] - n["wte"]) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
 
+    def estimate_memory(self, batch_size, world_size=1, dtype_bytes=2):
+        """
+        Estimated bytes per GPU of a torch.compile'd training step on `batch_size` rows of
+        sequence_len tokens, by part. Weights and grads are fp32; the optimizer state is this
+        rank's share (AdamW moments of wte/lm_head and Muon momentum are split over the ranks).
+        The compiled graph saves, per token, SAVED_PER_LAYER·n_embd elements in each layer, the
+        last block's output and its norm (2·n_embd) and the vocab_size logits, in the compute
+        dtype, and a compute-dtype copy of every weight but wte. Not modelled: transients (the logits' gradient, the optimizer's stacked grads), the
+        CUDA context, fragmentation; an eager (uncompiled) step saves more (tests/test_memory.py).
+        """
+        c, n = self.config, self.num_params()
+        tokens = batch_size * c.sequence_len
+        muon = sum(math.ceil(len(group) / world_size) * group[0].numel() * 4
+                   for group in _same_shape_groups(self.blocks.parameters()))
+        return {"weights": 4 * n["total"], "grads": 4 * n["total"],
+                "optimizer": 8 * (n["wte"] + n["lm_head"]) // world_size + muon,
+                "weight copies": dtype_bytes * (n["total"] - n["wte"]),
+                "activations": dtype_bytes * tokens * (SAVED_PER_LAYER * c.n_embd * c.n_layer + 2 * c.n_embd + c.vocab_size)}
+
     def setup_optimizer(self, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0):
         """
         Muon for the block matrices (one group per shape, so the distributed step can stack
@@ -256,11 +282,8 @@ class GPT(nn.Module):
         adamw = dict(kind="adamw", betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
         groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * scale, **adamw),
                   dict(params=[self.wte.weight], lr=embedding_lr * scale, **adamw)]
-        by_shape = {}
-        for p in self.blocks.parameters():
-            by_shape.setdefault(tuple(p.shape), []).append(p)
-        for shape in sorted(by_shape):
-            groups.append(dict(params=by_shape[shape], kind="muon", lr=matrix_lr, momentum=0.95, ns_steps=5))
+        for params in _same_shape_groups(self.blocks.parameters()):
+            groups.append(dict(params=params, kind="muon", lr=matrix_lr, momentum=0.95, ns_steps=5))
         return MuonAdamW(groups)
 
     @torch.inference_mode()
@@ -278,6 +301,14 @@ class GPT(nn.Module):
         return out
 
 
+def _same_shape_groups(params):
+    """Lists of params of one shape, in sorted shape order (Muon's groups)."""
+    by_shape = {}
+    for p in params:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    return [by_shape[shape] for shape in sorted(by_shape)]
+
+
 def new_model(config, device, dtype=None):
     """Build on the meta device (no memory, no init), move to `device` empty, then init_weights()."""
     with torch.device("meta"):
@@ -286,6 +317,44 @@ def new_model(config, device, dtype=None):
     model.init_weights()
     model.compute_dtype = dtype or compute_dtype(torch.device(device))[0]
     return model
+
+
+class _OneDtypeMatmuls(TorchDispatchMode):
+    """Fail on a matmul that mixes dtypes: the meta device computes it, a GPU refuses it."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("mm", "bmm", "addmm", "baddbmm"):
+            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor)}
+            if len(dtypes) > 1:
+                raise TypeError(f"{func} mixes dtypes {sorted(map(str, dtypes))}")
+        return func(*args, **(kwargs or {}))
+
+
+def preflight(model, batch_size, optimizer):
+    """
+    Take one step of each kind at full size on a model built on the meta device (shapes, devices
+    and dtypes are checked, nothing is allocated or computed): a training step (forward, backward,
+    optimizer step), an eval forward as evaluate_bpb makes it, and a KV-cache prefill plus one
+    decode step. A tensor made on another device, or a matmul mixing dtypes, stops it with a
+    SystemExit naming the step.
+    """
+    x = torch.zeros(batch_size, model.config.sequence_len, dtype=torch.long, device="meta")
+    step = "training step"
+    try:
+        with _OneDtypeMatmuls():
+            model(x, x).backward()
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+            step = "eval step"
+            with torch.no_grad():
+                model(x, x, loss_reduction="none")
+            step = "KV-cache decode step"
+            with torch.inference_mode():
+                cache = KVCache.for_model(model, batch_size, model.config.sequence_len)
+                model(x[:, :-1], kv_cache=cache)
+                model(x[:, -1:], kv_cache=cache)
+    except (RuntimeError, TypeError) as e:
+        raise SystemExit(f"preflight: the {step} fails at full size: {e}") from None
 
 # ---------------------------------------------------------------------------
 # optimizer: Muon + AdamW in one class, for one or many ranks
