@@ -99,9 +99,7 @@ SHARD_CHARS = 250e6
 CHARS_PER_TOKEN = 4.8
 SHARD_MARGIN = 1.1
 SPEEDRUN_VOCAB = 65536      # the vocabulary the speedrun trains (run_all.sh); the preflight's when none is on disk
-MEMORY_RESERVE_GIB = 4      # per GPU, outside the memory estimate: CUDA context, NCCL buffers, allocator slack
-ASSUMED_GPU = ("H100", 80)  # without a GPU the plan is for the speedrun's: name, GiB
-ASSUMED_MFU = 0.45          # for the preflight's wall-time estimate (the reference reaches about this on H100s)
+ASSUMED_MFU = 0.45          # for the preflight's wall-time estimate: an assumption, not a measurement
 # bf16 dense peak FLOP/s per GPU, for MFU (REFERENCE §5); the first name contained in the device's wins
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
               ("B200", 2.25e15)]
@@ -368,25 +366,10 @@ def data_warning(paths, tokenizer, train_tokens, total_batch_size):
             f"{math.ceil(len(paths) * train_tokens / kept * SHARD_MARGIN)} shards (python pretrain.py --download=N)")
 
 
-def planned_world_size():
-    """Ranks the preflight plans for: torchrun's, else this machine's GPUs, else the speedrun's 8."""
-    return int(os.environ.get("WORLD_SIZE", 0)) or torch.cuda.device_count() or 8
-
-
-def gpu_memory(dev, memory_gib):
-    """(bytes, where the figure comes from) of one GPU: the knob, the CUDA device, or ASSUMED_GPU."""
-    if memory_gib > 0:
-        return memory_gib * 2**30, f"{memory_gib:g} GiB (--gpu_memory_gib)"
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        return props.total_memory, f"{props.total_memory / 2**30:.1f} GiB ({props.name})"
-    return ASSUMED_GPU[1] * 2**30, f"{ASSUMED_GPU[1]} GiB (an {ASSUMED_GPU[0]}'s: no GPU here)"
-
-
 def fit_device_batch(model, rows_per_rank, world_size, memory):
     """The largest power of two that divides rows_per_rank and whose estimated training step fits
-    in `memory` less MEMORY_RESERVE_GIB; 1 when even 2 does not fit."""
-    usable, batch = memory - MEMORY_RESERVE_GIB * 2**30, 1
+    in `memory` less gpt.MEMORY_RESERVE_GIB; 1 when even 2 does not fit."""
+    usable, batch = memory - gpt.MEMORY_RESERVE_GIB * 2**30, 1
     while rows_per_rank % (2 * batch) == 0 and sum(model.estimate_memory(2 * batch, world_size).values()) <= usable:
         batch *= 2
     return batch
@@ -430,7 +413,7 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ setup
     if preflight:   # the planned GPUs' run on the meta device: no process group, nothing allocated
-        ddp, rank, local_rank, world_size, dev = False, 0, 0, planned_world_size(), torch.device("meta")
+        ddp, rank, local_rank, world_size, dev = False, 0, 0, gpt.planned_world_size(), torch.device("meta")
         dtype, dtype_reason = torch.bfloat16, "bf16: planned for GPUs that have it"
     else:
         ddp, rank, local_rank, world_size, dev = gpt.compute_init(device)
@@ -469,12 +452,12 @@ if __name__ == "__main__":
         raise SystemExit(f"total_batch_size {total_batch_size} is not a multiple of max_seq_len {max_seq_len} "
                          f"x {world_size} ranks: every rank must get whole rows")
     rows_per_rank = total_batch_size // (max_seq_len * world_size)
-    memory, memory_why = gpu_memory(dev, gpu_memory_gib)
+    memory, memory_why = gpt.gpu_memory(dev, gpu_memory_gib)
     if device_batch_size < 0:   # a resumed run replays its batches exactly: it keeps its own
         device_batch_size = meta["device_batch_size"] if meta else fit_device_batch(raw_model, rows_per_rank, world_size, memory)
         estimate = raw_model.estimate_memory(device_batch_size, world_size)
         gpt.print0(f"device_batch_size {device_batch_size}: the largest power of two dividing the {rows_per_rank} rows per "
-                   f"rank per step whose estimated training step fits in {memory_why} less {MEMORY_RESERVE_GIB} GiB: "
+                   f"rank per step whose estimated training step fits in {memory_why} less {gpt.MEMORY_RESERVE_GIB} GiB: "
                    f"{sum(estimate.values()) / 2**30:.1f} GiB = " + " + ".join(f"{k} {v / 2**30:.1f}" for k, v in estimate.items()))
     tokens_per_micro_step = device_batch_size * max_seq_len * world_size
     assert total_batch_size % tokens_per_micro_step == 0, (
@@ -494,9 +477,10 @@ if __name__ == "__main__":
     # ------------------------------------------------------------------ preflight: the plan at full size, then exit
     if preflight:
         optimizer = raw_model.setup_optimizer(embedding_lr, unembedding_lr, matrix_lr, weight_decay)
-        gpt.preflight(raw_model, device_batch_size, optimizer)   # one training, eval and decode step
-        estimate = raw_model.estimate_memory(device_batch_size, world_size)
-        gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else ASSUMED_GPU[0]
+        # one training, eval and decode step at full size (it stops here on a device or dtype mismatch)
+        memory_line, too_big = gpt.preflight(raw_model, device_batch_size, max_seq_len, optimizer, world_size,
+                                             memory, memory_why)
+        gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else gpt.ASSUMED_GPU[0]
         peak = next((flops for key, flops in PEAK_FLOPS if key in gpu_name), None)
         train_tokens = horizon * total_batch_size
         on_disk = bpe.shard_paths(data_dir) if glob.glob(os.path.join(data_dir, "shard_0*.parquet")) else []
@@ -505,19 +489,14 @@ if __name__ == "__main__":
                                     f"{world_size} ranks x {grad_accum} micro-step(s)"),
                 ("steps", f"{horizon:,} (from {why}) = {train_tokens / 1e9:.2f}B tokens"),
                 ("shards needed", f"{shards_needed(train_tokens)} ({len(on_disk)} on disk)"),
-                ("peak memory per GPU", f"{sum(estimate.values()) / 2**30:.1f} GiB estimated, of {memory_why} ("
-                                        + ", ".join(f"{k} {v / 2**30:.1f}" for k, v in estimate.items()) + ")"),
+                ("peak memory per GPU", memory_line),
                 ("wall time", f"{train_tokens * flops_per_token / (world_size * peak * ASSUMED_MFU) / 3600:.2f} h "
                               f"at {ASSUMED_MFU:.0%} MFU on {gpu_name}s" if peak else f"unknown: no peak FLOP/s for {gpu_name}"),
                 ("checked", "training step, eval step, KV-cache decode step on the meta device")]
         print("preflight:\n" + "\n".join(f"  {name:<20} {value}" for name, value in rows))
         if on_disk and tok and (warning := data_warning(on_disk, tok, train_tokens, total_batch_size)):
             print(warning)
-        if sum(estimate.values()) > memory - MEMORY_RESERVE_GIB * 2**30:
-            raise SystemExit(f"preflight: device_batch_size {device_batch_size} does not fit: about "
-                             f"{sum(estimate.values()) / 2**30:.1f} GiB per GPU of {memory_why}, less "
-                             f"{MEMORY_RESERVE_GIB} GiB reserved; lower --device_batch_size (-1 picks one that fits)")
-        sys.exit(0)
+        sys.exit(too_big)   # None: exit 0
 
     # ------------------------------------------------------------------ data
     train_paths = bpe.shard_paths(data_dir)

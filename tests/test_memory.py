@@ -1,14 +1,25 @@
 """
-Memory at full size, checked on a CPU: every evaluation and sampling path runs without an autograd
-graph (issue 13 item 1: a val eval with autograd on kept a d20 training graph per batch and ran out
-of memory before step 1).
+The speedrun's memory and data, checked on a CPU (issues 13 and 14): no evaluation or sampling path
+builds an autograd graph; the memory estimate behind the device batch matches what the training
+graph saves; `--preflight=1` plans the d20/d26/d32 runs at full size on the meta device (and the
+midtrain/sft runs); the loader says when it repeats data and pretraining warns when it will.
 """
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 import torch
 
 import bpe
 import evaluate
 import gpt
+import pretrain
 import rl
+from conftest import ROOT
 
 
 def tiny_model():
@@ -111,11 +122,173 @@ def compiled_saved_bytes(model, rows, seq_len):
     return counted[-1]
 
 
-def test_activation_estimate_matches_the_compiled_graph():
+def eager_saved_bytes(model, rows, seq_len):
+    """Bytes of the distinct storages an eager training forward saves for the backward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randint(0, model.config.vocab_size, (rows, seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, x)
+    return sum(storages.values())
+
+
+def test_activation_estimate_matches_what_the_graph_saves():
     """The device batch is chosen from estimate_memory's activations per row; they must be what
-    torch.compile's graph really saves per row (2 rows minus 1 row: the weight copies cancel), in bf16."""
-    config = gpt.GPTConfig(sequence_len=256, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)
-    model = gpt.new_model(config, "cpu", torch.bfloat16)
-    measured = compiled_saved_bytes(model, 2, 256) - compiled_saved_bytes(model, 1, 256)
-    estimated = model.estimate_memory(2)["activations"] - model.estimate_memory(1)["activations"]
-    assert abs(estimated - measured) < 0.05 * measured, (estimated, measured)
+    a bf16 training forward really saves per row (2 rows minus 1 row: the weight copies cancel),
+    compiled by torch.compile (pretrain, midtrain) and eager (sft), at 2 and 4 layers."""
+    for layers in (2, 4):
+        config = gpt.GPTConfig(sequence_len=256, vocab_size=512, n_layer=layers, n_head=2, n_kv_head=2, n_embd=256)
+        model = gpt.new_model(config, "cpu", torch.bfloat16)
+        for compiled, measure in ((True, compiled_saved_bytes), (False, eager_saved_bytes)):
+            if compiled and layers == 4:
+                continue   # one compile is enough to pin the constant (each costs seconds)
+            measured = measure(model, 2, 256) - measure(model, 1, 256)
+            estimated = (model.estimate_memory(2, compiled=compiled)["activations"]
+                         - model.estimate_memory(1, compiled=compiled)["activations"])
+            assert abs(estimated - measured) < 0.05 * measured, (layers, compiled, estimated, measured)
+
+
+# --- the preflight and the device batch -----------------------------------------------------------
+
+def write_meta(home, stage, depth, **fields):
+    """The meta file a stage leaves next to its weights (the preflight of the next stage reads only it)."""
+    config = gpt.config_from_depth(depth, pretrain.SPEEDRUN_VOCAB, 2048)
+    folder = os.path.join(home, "checkpoints", stage, f"d{depth}")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "meta_000100.json"), "w") as f:
+        json.dump({"model_config": config.__dict__, "step": 100, "stage": stage, **fields}, f)
+
+
+def tiny_shards(data_dir, docs_per_shard, doc_chars, shards=2):
+    """Train shards plus the val shard of `docs_per_shard` documents of `doc_chars` letters each, in
+    row groups of 8 documents; with a byte-level tokenizer a letter is a token. Plain encoding, as in
+    real shards: their documents are all distinct, so a dictionary does not pay."""
+    os.makedirs(data_dir, exist_ok=True)
+    for name in [pretrain.shard_name(i) for i in range(shards)] + [pretrain.VAL_SHARD]:
+        texts = [chr(97 + i % 26) * doc_chars for i in range(docs_per_shard)]
+        pq.write_table(pa.table({"text": texts}), os.path.join(data_dir, name), row_group_size=8,
+                       use_dictionary=False)
+
+
+TINY_RUN = ["--device=cpu", "--depth=2", "--n_embd=64", "--n_head=1", "--max_seq_len=128", "--device_batch_size=8",
+            "--total_batch_size=4096", "--num_steps=2", "--eval_every=-1", "--eval_tokens=1024",
+            "--sample_every=-1", "--loader_workers=0", "--buffer_size=16"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every stage script this file checks, run at once as real subprocesses (2 cores: they overlap).
+    The preflights plan for 8 GPUs of 80 GiB, as on the speedrun's node, in a home with no data;
+    midtrain and sft read a d20 base/mid checkpoint's meta as pretrain.py writes it. `tiny` is a
+    real 2-step run on 2 shards of 32 documents of 100 tokens (6,400 tokens, about 4,200 after
+    packing) that wants 8,192 tokens."""
+    home = str(tmp_path_factory.mktemp("preflight_home"))
+    batch = {"max_seq_len": 2048, "device_batch_size": 32, "total_batch_size": 524288, "tokenizer": None}
+    write_meta(home, "base", 20, **batch)
+    write_meta(home, "mid", 20, **batch)
+    tiny_home = str(tmp_path_factory.mktemp("tiny_home"))
+    tiny_shards(os.path.join(tiny_home, "data"), 32, 99)   # 99 letters + <|bos|> = 100 tokens
+    bpe.Tokenizer([]).save(os.path.join(tiny_home, "tokenizer", "tokenizer.json"))
+    commands = {f"d{depth}": (home, ["pretrain.py", "--preflight=1", f"--depth={depth}"]) for depth in (20, 26, 32)}
+    commands["d26 x32"] = (home, ["pretrain.py", "--preflight=1", "--depth=26", "--device_batch_size=32"])
+    commands["mid"] = (home, ["midtrain.py", "--preflight=1"])
+    commands["sft"] = (home, ["sft.py", "--preflight=1"])
+    commands["tiny"] = (tiny_home, ["pretrain.py", *TINY_RUN])
+    procs = {}
+    for name, (where, args) in commands.items():
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(SLIMCHAT_HOME=where, OMP_NUM_THREADS="1")
+        procs[name] = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return {name: (proc.wait(timeout=300), proc.stdout.read(), proc.stderr.read()) for name, proc in procs.items()}
+
+
+def plan(runs, name):
+    rc, out, err = runs[name]
+    assert rc == 0, f"{name} failed ({rc}):\n{out[-3000:]}\n{err[-3000:]}"
+    return out
+
+
+@pytest.mark.parametrize("depth, rows, micro_steps", [(20, 32, 1), (26, 16, 2), (32, 8, 4)])
+def test_preflight_plans_the_speedrun(runs, depth, rows, micro_steps):
+    """`pretrain.py --preflight=1` at the speedrun's knobs, on a CPU with no data: the full-size model
+    takes a training, an eval and a decode step on the meta device, the device batch is the
+    reference's for 80 GB (d20 32, d26 16, d32 8), and the plan has every figure."""
+    out = plan(runs, f"d{depth}")
+    assert f"{524288:,} = {rows} rows x 2048 x 8 ranks x {micro_steps} micro-step(s)" in out
+    assert f"device_batch_size {rows}: the largest power of two" in out   # the choice, with its numbers
+    for row in ("parameters", "FLOPs per token", "steps", "shards needed", "peak memory per GPU", "wall time"):
+        assert f"\n  {row} " in out, row
+
+
+def test_preflight_keeps_the_users_batch_and_refuses_one_that_cannot_fit(runs):
+    """An explicit --device_batch_size is used as given (d26 at 32 rows), and when its estimate
+    exceeds the GPU the preflight prints the plan, then fails saying so and what to do."""
+    rc, out, err = runs["d26 x32"]
+    assert "524,288 = 32 rows x 2048 x 8 ranks x 1 micro-step(s)" in out
+    assert rc != 0 and "32 rows per GPU do not fit" in err and "lower --device_batch_size" in err
+
+
+def test_preflight_of_midtrain_and_sft(runs):
+    """midtrain.py and sft.py --preflight=1 plan from the previous checkpoint's meta alone: midtrain
+    at the base's 32 x 2048 (compiled), sft at 4 conversations of up to 2048 tokens (eager)."""
+    assert "preflight: 32 rows x 2048 tokens per GPU; peak memory per GPU" in plan(runs, "mid")
+    assert "preflight: 4 rows of up to 2048 tokens per GPU; peak memory per GPU" in plan(runs, "sft")
+
+
+def test_device_batch_follows_model_size_and_memory():
+    """The largest power of two that divides the rows per rank and fits: the reference's settings
+    on 80 GiB, half of them on 48 GiB (an L40S), and never more than the rows a rank has per step."""
+    models = {}
+    for depth in (20, 26, 32):
+        with torch.device("meta"):
+            models[depth] = gpt.GPT(gpt.config_from_depth(depth, 65536, 2048))
+    gib = 2**30
+    assert [pretrain.fit_device_batch(models[d], 32, 8, 80 * gib) for d in (20, 26, 32)] == [32, 16, 8]
+    assert [pretrain.fit_device_batch(models[d], 32, 8, 48 * gib) for d in (20, 26, 32)] == [16, 8, 4]
+    assert pretrain.fit_device_batch(models[20], 8, 8, 80 * gib) == 8
+    assert pretrain.fit_device_batch(models[20], 12, 8, 80 * gib) == 4   # 8 would not divide 12
+
+
+def test_preflight_stops_on_a_device_or_dtype_mismatch():
+    """The meta device would run a CPU tensor into a GPU model's forward, or a bf16 x fp32 matmul,
+    only to fail on the GPU: the preflight names the step instead."""
+    config = gpt.GPTConfig(sequence_len=64, vocab_size=300, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
+    model = gpt.new_model(config, "meta", torch.bfloat16)
+    args = (model.setup_optimizer(), 1, 80 * 2**30, "80 GiB")
+    assert gpt.preflight(model, 2, 64, *args)[1] is None
+    model.cos = torch.zeros(model.cos.shape)   # a rotary table left on the CPU
+    with pytest.raises(SystemExit, match="training step fails.*cpu"):
+        gpt.preflight(model, 2, 64, *args)
+    model = gpt.new_model(config, "meta", torch.bfloat16)
+    with torch.device("meta"):
+        model.lm_head = torch.nn.Linear(64, 300, bias=False)   # a plain Linear: no cast to bf16
+    with pytest.raises(SystemExit, match="mixes dtypes"):
+        gpt.preflight(model, 2, 64, model.setup_optimizer(), 1, 80 * 2**30, "80 GiB")
+
+
+# --- enough data ----------------------------------------------------------------------------------
+
+def test_a_run_longer_than_the_data_warns_at_start_and_when_the_loader_wraps(runs):
+    """The tiny run wants 8,192 tokens from shards that hold about 4,200 after packing: pretrain.py
+    warns before training, and the loader says when it starts over (each of them once)."""
+    out = plan(runs, "tiny")
+    warning = out.index("warning: the run trains on 8,192 tokens, but the 2 train shard(s) on disk")
+    wrapped = out.index("loader: all 2 shard(s) read; pass 2 over the same data begins")
+    assert warning < out.index("step 00001/00002") and out.count("pass 2 over the same data") == 1
+    assert wrapped > warning
+
+
+def test_data_warning_only_when_the_shards_are_too_few(tmp_path):
+    """Kept tokens are estimated from the parquet metadata and the tokenizer: 16 documents of 1,000
+    tokens are 16,000 tokens, 10,400 after packing. The metadata also counts page headers and
+    statistics (a fifth more here, next to nothing in real shards of 250M characters), so the
+    figures are loose: no warning for 8,000 tokens, a warning for the 16,000 there are before packing."""
+    tiny_shards(str(tmp_path), 16, 999, shards=1)
+    paths, tok = [str(tmp_path / pretrain.shard_name(0))], bpe.Tokenizer([])
+    assert pretrain.data_warning(paths, tok, 8000, 1000) is None
+    assert "1 train shard(s) on disk" in pretrain.data_warning(paths, tok, 16000, 1000)
