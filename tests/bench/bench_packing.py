@@ -38,7 +38,8 @@ def write_shards(folder, lengths):
     for start in range(0, len(lengths), DOCS_PER_SHARD):
         texts = [chr(97 + i % 26) * int(n) for i, n in enumerate(lengths[start:start + DOCS_PER_SHARD])]
         path = os.path.join(folder, pretrain.shard_name(len(paths)))
-        pq.write_table(pa.table({"text": texts}), path, row_group_size=ROW_GROUP, use_dictionary=False)
+        pq.write_table(pa.table({"text": texts}), path, row_group_size=ROW_GROUP, use_dictionary=False,
+                       write_statistics=False)
         paths.append(path)
     return paths, [pq.ParquetFile(p).metadata.num_row_groups for p in paths]
 
