@@ -53,13 +53,13 @@ ROPE_BASE = 10000.0       # rotary base at E (H moved to 100k)
 ROPE_CACHE_FACTOR = 10    # rotary tables cover 10x sequence_len positions, for long generations
 LOGIT_SOFTCAP = 15.0      # logits = 15·tanh(logits/15)
 HEAD_DIM = 128            # config_from_depth: heads of 128 dims (REFERENCE §3.2)
+ASPECT = 64               # config_from_depth: width = 64·depth
 # Elements per token per layer, in units of n_embd, that a training forward saves for the backward.
 # Compiled: the block's input and its normed copies (5), q and k as rotated (2), q, k, v and the
 # attention output as the attention kernel takes them (4), the MLP's 4x-wide pre- and post-
 # activation (8); measured on CPU with torch.compile's partitioner and inductor's decompositions.
 # Eager saves 3 more (tests/test_memory.py checks both).
 SAVED_PER_LAYER = {"compiled": 19, "eager": 22}
-ASPECT = 64               # config_from_depth: width = 64·depth
 
 # ---------------------------------------------------------------------------
 # config
@@ -253,19 +253,19 @@ class GPT(nn.Module):
         n = self.num_params()
         return 6 * (n["total"] - n["wte"]) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
 
-    def estimate_memory(self, batch_size, world_size=1, dtype_bytes=2, compiled=True, seq_len=None):
+    def estimate_memory(self, batch_size, world_size=1, compiled=True, seq_len=None):
         """
         Estimated bytes per GPU of a training step on `batch_size` rows of seq_len tokens (default
-        sequence_len), by
-        part. Weights and grads are fp32; the optimizer state is this rank's share (AdamW moments
-        of wte/lm_head and Muon momentum are split over the ranks). The forward saves, per token,
+        sequence_len), by part. Weights and grads are fp32; the optimizer state is this rank's
+        share (AdamW moments of wte/lm_head and Muon momentum are split over the ranks). The
+        forward saves, per token,
         SAVED_PER_LAYER·n_embd elements in each layer and the last block's output and its norm
-        (2·n_embd) in the compute dtype, plus the logits: once in the compute dtype when compiled,
+        (2·n_embd) in self.compute_dtype, plus the logits: once in the compute dtype when compiled,
         three fp32 copies (cast, soft-cap, log-softmax) in eager; and a compute-dtype copy of every
         weight but wte. Not modelled: transients (the logits' gradient, the optimizer's stacked
         grads), the CUDA context, fragmentation.
         """
-        c, n = self.config, self.num_params()
+        c, n, dtype_bytes = self.config, self.num_params(), self.compute_dtype.itemsize
         tokens, per_layer = batch_size * (seq_len or c.sequence_len), SAVED_PER_LAYER["compiled" if compiled else "eager"]
         muon = sum(math.ceil(len(group) / world_size) * group[0].numel() * 4
                    for group in _same_shape_groups(self.blocks.parameters()))

@@ -247,6 +247,7 @@ def test_device_batch_follows_model_size_and_memory():
     for depth in (20, 26, 32):
         with torch.device("meta"):
             models[depth] = gpt.GPT(gpt.config_from_depth(depth, 65536, 2048))
+        models[depth].compute_dtype = torch.bfloat16   # as on the GPUs planned for
     gib = 2**30
     assert [pretrain.fit_device_batch(models[d], 32, 8, 80 * gib) for d in (20, 26, 32)] == [32, 16, 8]
     assert [pretrain.fit_device_batch(models[d], 32, 8, 48 * gib) for d in (20, 26, 32)] == [16, 8, 4]
