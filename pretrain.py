@@ -10,9 +10,11 @@ the depth dial sets the model and, through tokens = 20 x params, the horizon (or
 The loader (REFERENCE §2.2, the mid-2026 best-fit packing): rank r reads row groups r, r+W, ... of
 every train shard, encodes each document as <|bos|> + bpe ids, and fills rows of T+1 tokens by
 taking the largest buffered document that fits the space left; when none fits, the shortest one is
-cropped to fill the row. Every row starts with <|bos|>, nothing is padded, and about a third of the
-tokens are cropped away at T=2048. The loader's position (the next row group, plus which documents
-sit in the buffer) goes into the checkpoint, so `--resume=1` replays the exact same batches.
+cropped to fill the row. Every row starts with <|bos|>, nothing is padded, and part of the tokens
+are cropped away (at T=2048 the reference measured 35% on FineWeb-Edu; tests/bench/RESULTS.md).
+The loader says when it has read every shard and starts again, and a run warns at start when it
+will. The loader's position (the next row group, plus which documents sit in the buffer) goes into
+the checkpoint, so `--resume=1` replays the exact same batches.
 With loader_workers > 0, row groups are read and encoded ahead of time in worker processes.
 
 reads:  $SLIMCHAT_HOME/data/shard_*.parquet, $SLIMCHAT_HOME/tokenizer/tokenizer.json
@@ -22,6 +24,7 @@ writes: $SLIMCHAT_HOME/checkpoints/base/d<depth>/ (model, meta with loop and loa
 cpu smoke: python pretrain.py --device=cpu --depth=2 --max_seq_len=128 --device_batch_size=4 --total_batch_size=512 --num_steps=20 --eval_tokens=2048
 one gpu:   python pretrain.py --depth=12
 torchrun:  torchrun --standalone --nproc_per_node=8 pretrain.py --depth=20
+preflight: python pretrain.py --preflight=1 --depth=26   (any CPU, seconds: the plan at full size, README)
 """
 import bisect
 import collections
@@ -487,17 +490,17 @@ if __name__ == "__main__":
         memory_line, too_big = gpt.preflight(raw_model, device_batch_size, max_seq_len, optimizer, world_size,
                                              memory, memory_why, compiled)
         gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else gpt.ASSUMED_GPU[0]
-        peak = next((flops for key, flops in PEAK_FLOPS if key in gpu_name), None)
+        gpu_flops = next((flops for key, flops in PEAK_FLOPS if key in gpu_name), None)
         train_tokens = horizon * total_batch_size
-        on_disk = bpe.shard_paths(data_dir) if glob.glob(os.path.join(data_dir, "shard_0*.parquet")) else []
+        on_disk = [p for p in sorted(glob.glob(os.path.join(data_dir, "shard_*.parquet"))) if not p.endswith(VAL_SHARD)]
         rows = [("parameters", f"{num_params['total']:,}"), ("FLOPs per token", f"{flops_per_token:.3e}"),
                 ("tokens per step", f"{total_batch_size:,} = {device_batch_size} rows x {max_seq_len} x "
                                     f"{world_size} ranks x {grad_accum} micro-step(s)"),
                 ("steps", f"{horizon:,} (from {why}) = {train_tokens / 1e9:.2f}B tokens"),
                 ("shards needed", f"{shards_needed(train_tokens)} ({len(on_disk)} on disk)"),
                 ("peak memory per GPU", memory_line),
-                ("wall time", f"{train_tokens * flops_per_token / (world_size * peak * ASSUMED_MFU) / 3600:.2f} h "
-                              f"at {ASSUMED_MFU:.0%} MFU on {gpu_name}s" if peak else f"unknown: no peak FLOP/s for {gpu_name}"),
+                ("wall time", f"{train_tokens * flops_per_token / (world_size * gpu_flops * ASSUMED_MFU) / 3600:.2f} h "
+                              f"at {ASSUMED_MFU:.0%} MFU on {gpu_name}s" if gpu_flops else f"unknown: no peak FLOP/s for {gpu_name}"),
                 ("checked", "training step, eval step, KV-cache decode step on the meta device")]
         print("preflight:\n" + "\n".join(f"  {name:<20} {value}" for name, value in rows))
         if on_disk and tok and (warning := data_warning(on_disk, tok, train_tokens, total_batch_size)):
