@@ -53,8 +53,9 @@ def chat(question, answer):
 def test_no_eval_or_sampling_path_builds_a_graph():
     """bpb (pretrain/midtrain/sft in-loop), CORE's three kinds, the chat evals (categorical and
     generative), the training-time samples (Engine) and RL's rollouts and pass@k eval: every model
-    forward they make runs with autograd off. Fails today on evaluate_bpb, called by the loops with
-    autograd on (at d20 x 32 rows that graph is ~74 GB, and the previous batch's is still alive)."""
+    forward they make runs with autograd off. It failed on evaluate_bpb before issue 13's fix: the
+    loops called it with autograd on (at d20 x 32 rows a val batch's graph is ~74 GB in eager mode,
+    and the previous batch's was still alive)."""
     tok, model = bpe.Tokenizer([]), tiny_model()
     seen = watch_grad_mode(model)
     paths = {}
