@@ -796,13 +796,13 @@ def planned_world_size():
     return int(os.environ.get("WORLD_SIZE", 0)) or torch.cuda.device_count() or 8
 
 
-def gpu_memory(device, memory_gib=-1.0):
-    """(bytes, where the figure comes from) of one GPU: memory_gib when > 0, else the CUDA device's,
-    else ASSUMED_GPU's."""
+def gpu_memory(memory_gib=-1.0):
+    """(bytes, where the figure comes from) of one GPU: memory_gib when > 0, else this process's
+    CUDA device's (a preflight on a GPU node plans for its GPUs), else ASSUMED_GPU's."""
     if memory_gib > 0:
         return memory_gib * 2**30, f"{memory_gib:g} GiB (--gpu_memory_gib)"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return props.total_memory, f"{props.total_memory / 2**30:.1f} GiB ({props.name})"
     return ASSUMED_GPU[1] * 2**30, f"{ASSUMED_GPU[1]} GiB (an {ASSUMED_GPU[0]}'s: no GPU here)"
 

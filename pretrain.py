@@ -459,7 +459,7 @@ if __name__ == "__main__":
         raise SystemExit(f"total_batch_size {total_batch_size} is not a multiple of max_seq_len {max_seq_len} "
                          f"x {world_size} ranks: every rank must get whole rows")
     rows_per_rank = total_batch_size // (max_seq_len * world_size)
-    memory, memory_why = gpt.gpu_memory(dev, gpu_memory_gib)
+    memory, memory_why = gpt.gpu_memory(gpu_memory_gib)
     compiled = bool(use_compile) and dev.type in ("cuda", "meta")   # as above; a preflight plans for GPUs
     if device_batch_size < 0:   # a resumed run replays its batches exactly: it keeps its own
         device_batch_size = (meta["device_batch_size"] if meta else

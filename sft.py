@@ -206,7 +206,7 @@ if __name__ == "__main__":
     grad_accum = examples_per_step // examples_per_micro_step
     if preflight:   # one training, eval and decode step at full size (rows padded to max_seq_len at worst)
         optimizer = model.setup_optimizer()
-        memory, memory_why = gpt.gpu_memory(dev, gpu_memory_gib)
+        memory, memory_why = gpt.gpu_memory(gpu_memory_gib)
         line, too_big = gpt.preflight(model, device_batch_size, max_seq_len, optimizer, world_size, memory,
                                       memory_why, compiled=False)
         print(f"preflight: {device_batch_size} rows of up to {max_seq_len} tokens per GPU; peak memory per GPU {line}")
