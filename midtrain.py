@@ -211,8 +211,8 @@ if __name__ == "__main__":
                                       memory_why, compiled=bool(use_compile))
         print(f"preflight: {device_batch_size} rows x {max_seq_len} tokens per GPU; peak memory per GPU {line}")
         sys.exit(too_big)   # None: exit 0
-
     token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.int64, device=dev)
+
     # ------------------------------------------------------------------ data
     train_set = train_mixture(own, data_mode, simple_spelling_rows, spelling_bee_rows)
     val_set = val_mixture()
