@@ -819,6 +819,7 @@ def chatcore(accuracies):
 # ===========================================================================
 # bits per byte: a tokenizer-independent loss (REFERENCE §0.13)
 
+@torch.no_grad()   # no graph: at d20 x 32 rows x 2048 one val batch's saved activations are ~74 GB
 def evaluate_bpb(model, batches, steps, token_bytes):
     """Sum of the loss in nats over target tokens that stand for bytes, divided by ln 2 times their
     byte count, over `steps` (x, y) batches and all ranks. Targets < 0 and special tokens

@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bpe
 
@@ -61,6 +62,12 @@ LOGIT_SOFTCAP = 15.0      # logits = 15·tanh(logits/15)
 NORM_EPS = torch.finfo(torch.float32).eps   # F.rms_norm's default eps, for fp32 and bf16 inputs alike
 HEAD_DIM = 128            # config_from_depth: heads of 128 dims (REFERENCE §3.2)
 ASPECT = 64               # config_from_depth: width = 64·depth
+# Elements per token per layer, in units of n_embd, that a training forward saves for the backward.
+# Compiled: the block's input and its normed copies (5), q and k as rotated (2), q, k, v and the
+# attention output as the attention kernel takes them (4), the MLP's 4x-wide pre- and post-
+# activation (8); measured on CPU with torch.compile's partitioner and inductor's decompositions.
+# Eager saves 3 more (tests/test_memory.py checks both).
+SAVED_PER_LAYER = {"compiled": 19, "eager": 22}
 
 # ---------------------------------------------------------------------------
 # config
@@ -264,6 +271,28 @@ class GPT(nn.Module):
         n = self.num_params()
         return 6 * (n["total"] - n["wte"]) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
 
+    def estimate_memory(self, batch_size, world_size=1, compiled=True, seq_len=None):
+        """
+        Estimated bytes per GPU of a training step on `batch_size` rows of seq_len tokens (default
+        sequence_len), by part. Weights and grads are fp32; the optimizer state is this rank's
+        share (AdamW moments of wte/lm_head and Muon momentum are split over the ranks). The
+        forward saves, per token,
+        SAVED_PER_LAYER·n_embd elements in each layer and the last block's output and its norm
+        (2·n_embd) in self.compute_dtype, plus the logits: once in the compute dtype when compiled,
+        three fp32 copies (cast, soft-cap, log-softmax) in eager; and a compute-dtype copy of every
+        weight but wte. Not modelled: transients (the logits' gradient, the optimizer's stacked
+        grads), the CUDA context, fragmentation.
+        """
+        c, n, dtype_bytes = self.config, self.num_params(), self.compute_dtype.itemsize
+        tokens, per_layer = batch_size * (seq_len or c.sequence_len), SAVED_PER_LAYER["compiled" if compiled else "eager"]
+        muon = sum(math.ceil(len(group) / world_size) * group[0].numel() * 4
+                   for group in _same_shape_groups(self.blocks.parameters()))
+        return {"weights": 4 * n["total"], "grads": 4 * n["total"],
+                "optimizer": 8 * (n["wte"] + n["lm_head"]) // world_size + muon,
+                "weight copies": dtype_bytes * (n["total"] - n["wte"]),
+                "activations": tokens * (dtype_bytes * (per_layer * c.n_embd * c.n_layer + 2 * c.n_embd)
+                                         + (dtype_bytes if compiled else 12) * c.vocab_size)}
+
     def setup_optimizer(self, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0):
         """
         Muon for the block matrices (one group per shape, so the distributed step can stack
@@ -274,11 +303,8 @@ class GPT(nn.Module):
         adamw = dict(kind="adamw", betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
         groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * scale, **adamw),
                   dict(params=[self.wte.weight], lr=embedding_lr * scale, **adamw)]
-        by_shape = {}
-        for p in self.blocks.parameters():
-            by_shape.setdefault(tuple(p.shape), []).append(p)
-        for shape in sorted(by_shape):
-            groups.append(dict(params=by_shape[shape], kind="muon", lr=matrix_lr, momentum=0.95, ns_steps=5))
+        for params in _same_shape_groups(self.blocks.parameters()):
+            groups.append(dict(params=params, kind="muon", lr=matrix_lr, momentum=0.95, ns_steps=5))
         return MuonAdamW(groups)
 
     @torch.inference_mode()
@@ -296,6 +322,14 @@ class GPT(nn.Module):
         return out
 
 
+def _same_shape_groups(params):
+    """Lists of params of one shape, in sorted shape order (Muon's groups)."""
+    by_shape = {}
+    for p in params:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    return [by_shape[shape] for shape in sorted(by_shape)]
+
+
 def new_model(config, device, dtype=None):
     """Build on the meta device (no memory, no init), move to `device` empty, then init_weights()."""
     with torch.device("meta"):
@@ -304,6 +338,52 @@ def new_model(config, device, dtype=None):
     model.init_weights()
     model.compute_dtype = dtype or compute_dtype(torch.device(device))[0]
     return model
+
+
+class _OneDtypeMatmuls(TorchDispatchMode):
+    """Fail on a matmul that mixes dtypes: the meta device computes it, a GPU refuses it."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("mm", "bmm", "addmm", "baddbmm"):
+            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor)}
+            if len(dtypes) > 1:
+                raise TypeError(f"{func} mixes dtypes {sorted(map(str, dtypes))}")
+        return func(*args, **(kwargs or {}))
+
+
+def preflight(model, batch_size, seq_len, optimizer, world_size, memory, memory_why, compiled=True):
+    """
+    Take one step of each kind at full size on a model built on the meta device (shapes, devices
+    and dtypes are checked, nothing is allocated or computed): a training step (forward, backward,
+    optimizer step), an eval forward as evaluate_bpb makes it, and a KV-cache prefill plus one
+    decode step. A tensor made on another device, or a matmul mixing dtypes, stops it with a
+    SystemExit naming the step. Returns (the estimated peak memory per GPU as a line for the plan,
+    a message when that peak does not fit in `memory` less MEMORY_RESERVE_GIB, else None).
+    """
+    x = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    step = "training step"
+    try:
+        with _OneDtypeMatmuls():
+            model(x, x).backward()
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+            step = "eval step"
+            with torch.no_grad():
+                model(x, x, loss_reduction="none")
+            step = "KV-cache decode step"
+            with torch.inference_mode():
+                cache = KVCache.for_model(model, batch_size, seq_len)
+                model(x[:, :-1], kv_cache=cache)
+                model(x[:, -1:], kv_cache=cache)
+    except (RuntimeError, TypeError) as e:
+        raise SystemExit(f"preflight: the {step} fails at full size: {e}") from None
+    estimate = model.estimate_memory(batch_size, world_size, compiled=compiled, seq_len=seq_len)
+    line = (f"{sum(estimate.values()) / 2**30:.1f} GiB estimated, of {memory_why} ("
+            + ", ".join(f"{k} {v / 2**30:.1f}" for k, v in estimate.items()) + ")")
+    if sum(estimate.values()) <= memory - MEMORY_RESERVE_GIB * 2**30:
+        return line, None
+    return line, (f"preflight: {batch_size} rows per GPU do not fit: {line}, and {MEMORY_RESERVE_GIB} GiB "
+                  f"stay reserved; lower --device_batch_size")
 
 # ---------------------------------------------------------------------------
 # optimizer: Muon + AdamW in one class, for one or many ranks
@@ -948,6 +1028,26 @@ def compute_cleanup(stopped=False):
         sys.exit(code)
 
 
+MEMORY_RESERVE_GIB = 4      # per GPU, outside GPT.estimate_memory: CUDA context, NCCL buffers, allocator slack
+ASSUMED_GPU = ("H100", 80)  # what a plan made without a GPU is for (the speedrun's node): name, GiB
+
+
+def planned_world_size():
+    """Ranks a preflight plans for: torchrun's, else this machine's GPUs, else the speedrun's 8."""
+    return int(os.environ.get("WORLD_SIZE", 0)) or torch.cuda.device_count() or 8
+
+
+def gpu_memory(memory_gib=-1.0):
+    """(bytes, where the figure comes from) of one GPU: memory_gib when > 0, else this process's
+    CUDA device's (a preflight on a GPU node plans for its GPUs), else ASSUMED_GPU's."""
+    if memory_gib > 0:
+        return memory_gib * 2**30, f"{memory_gib:g} GiB (--gpu_memory_gib)"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return props.total_memory, f"{props.total_memory / 2**30:.1f} GiB ({props.name})"
+    return ASSUMED_GPU[1] * 2**30, f"{ASSUMED_GPU[1]} GiB (an {ASSUMED_GPU[0]}'s: no GPU here)"
+
+
 def compute_dtype(device):
     """The dtype for activations and matmuls, with the reason (print it). Weights stay fp32."""
     device = torch.device(device)
@@ -1176,6 +1276,17 @@ def _newest(ckpt_dir, steps):
     """The step saved last (by its meta file's time, then by step), not the highest: a fresh run
     into a folder that still holds a longer old run must resume, and hand on, its own checkpoints."""
     return max(steps, key=lambda s: (os.stat(os.path.join(ckpt_dir, f"meta_{s:06d}.json")).st_mtime_ns, s))
+
+
+def read_meta(stage, tag=None):
+    """The meta of the stage's checkpoint saved last, without reading its weights."""
+    ckpt_dir = _checkpoint_dir(stage, tag)
+    steps = _steps(ckpt_dir)
+    if not steps:
+        raise FileNotFoundError(f"no {stage} checkpoint under {ckpt_dir or os.path.join(home(), 'checkpoints', stage)}: "
+                                f"run the {stage} stage first")
+    with open(os.path.join(ckpt_dir, f"meta_{_newest(ckpt_dir, steps):06d}.json"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def latest_step(stage, tag=None):

@@ -28,6 +28,7 @@ one gpu:   python midtrain.py
 torchrun:  torchrun --standalone --nproc_per_node=8 midtrain.py
 """
 import os
+import sys
 import time
 
 import torch
@@ -48,6 +49,8 @@ model_tag = ""              # checkpoint tag to load and write; "" = the base's 
 device = ""                 # "" = autodetect (cuda > mps > cpu)
 resume = 0                  # 1 = continue from the latest mid checkpoint (model, optimizer, loader)
 use_compile = 1             # torch.compile the model on cuda (ignored on other devices)
+preflight = 0               # 1 = check this run at full size without allocating it (meta device), print its plan, exit
+gpu_memory_gib = -1.0       # memory of one GPU, for the preflight; -1 = the GPU's (80 without one)
 # batch and horizon
 max_seq_len = None          # tokens per row; None = inherit from the base checkpoint
 device_batch_size = None    # rows per rank per micro-step; None = inherit
@@ -156,18 +159,25 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ setup
     own = evaluate.load_own_data(data) if data else None   # a bad line stops the run here, before any work
-    ddp, rank, local_rank, world_size, dev = gpt.compute_init(device)
+    if preflight:   # the planned GPUs' run on the meta device: no process group, nothing allocated
+        ddp, rank, local_rank, world_size, dev = False, 0, 0, gpt.planned_world_size(), torch.device("meta")
+        dtype, dtype_reason = torch.bfloat16, "bf16: planned for GPUs that have it"
+    else:
+        ddp, rank, local_rank, world_size, dev = gpt.compute_init(device)
+        dtype, dtype_reason = gpt.compute_dtype(dev)
     master = rank == 0
-    dtype, dtype_reason = gpt.compute_dtype(dev)
     gpt.print0(f"device {dev} x {world_size} rank(s), dtype {dtype} ({dtype_reason}), git {gpt.git_info()}")
-    tok = gpt.load_tokenizer()
-    token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.int64, device=dev)
+    tok = None if preflight else gpt.load_tokenizer()
     log_path = os.path.join(gpt.home(), "logs", "mid.jsonl")
 
     # ------------------------------------------------------------------ model
     source = "mid" if resume else "base"
-    raw_model, meta, optim_state = gpt.load_checkpoint(source, dev, tag=model_tag or None, tokenizer=tok,
-                                                       rank=rank, dtype=dtype)
+    if preflight:   # the checkpoint's meta gives the model; its weights stay on disk
+        meta, optim_state = gpt.read_meta(source, model_tag or None), None
+        raw_model = gpt.new_model(gpt.GPTConfig(**meta["model_config"]), dev, dtype)
+    else:
+        raw_model, meta, optim_state = gpt.load_checkpoint(source, dev, tag=model_tag or None, tokenizer=tok,
+                                                           rank=rank, dtype=dtype)
     if not resume:
         optim_state = None   # the base optimizer's moments belong to pretraining's data; start afresh
     model = torch.compile(raw_model, dynamic=False) if use_compile and dev.type == "cuda" else raw_model
@@ -194,6 +204,14 @@ if __name__ == "__main__":
                          f"{num_steps}; the schedule must not change mid-run")
     gpt.print0(f"{grad_accum} micro-step(s) of {tokens_per_micro_step:,} tokens per step; horizon "
                + (f"{num_steps} steps" if num_steps > 0 else "one pass over the mixture"))
+    if preflight:   # one training, eval and decode step at full size, and the memory they need
+        optimizer = raw_model.setup_optimizer()
+        memory, memory_why = gpt.gpu_memory(gpu_memory_gib)
+        line, too_big = gpt.preflight(raw_model, device_batch_size, max_seq_len, optimizer, world_size, memory,
+                                      memory_why, compiled=bool(use_compile))
+        print(f"preflight: {device_batch_size} rows x {max_seq_len} tokens per GPU; peak memory per GPU {line}")
+        sys.exit(too_big)   # None: exit 0
+    token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.int64, device=dev)
 
     # ------------------------------------------------------------------ data
     train_set = train_mixture(own, data_mode, simple_spelling_rows, spelling_bee_rows)

@@ -10,9 +10,11 @@ the depth dial sets the model and, through tokens = 20 x params, the horizon (or
 The loader (REFERENCE §2.2, the mid-2026 best-fit packing): rank r reads row groups r, r+W, ... of
 every train shard, encodes each document as <|bos|> + bpe ids, and fills rows of T+1 tokens by
 taking the largest buffered document that fits the space left; when none fits, the shortest one is
-cropped to fill the row. Every row starts with <|bos|>, nothing is padded, and about a third of the
-tokens are cropped away at T=2048. The loader's position (the next row group, plus which documents
-sit in the buffer) goes into the checkpoint, so `--resume=1` replays the exact same batches.
+cropped to fill the row. Every row starts with <|bos|>, nothing is padded, and part of the tokens
+are cropped away (at T=2048 the reference measured 35% on FineWeb-Edu; tests/bench/RESULTS.md).
+The loader says when it has read every shard and starts again, and a run warns at start when it
+will. The loader's position (the next row group, plus which documents sit in the buffer) goes into
+the checkpoint, so `--resume=1` replays the exact same batches.
 With loader_workers > 0, row groups are read and encoded ahead of time in worker processes.
 
 reads:  $SLIMCHAT_HOME/data/shard_*.parquet, $SLIMCHAT_HOME/tokenizer/tokenizer.json
@@ -22,10 +24,12 @@ writes: $SLIMCHAT_HOME/checkpoints/base/d<depth>/ (model, meta with loop and loa
 cpu smoke: python pretrain.py --device=cpu --depth=2 --max_seq_len=128 --device_batch_size=4 --total_batch_size=512 --num_steps=20 --eval_tokens=2048
 one gpu:   python pretrain.py --depth=12
 torchrun:  torchrun --standalone --nproc_per_node=8 pretrain.py --depth=20
+preflight: python pretrain.py --preflight=1 --depth=26   (any CPU, seconds: the plan at full size, README)
 """
 import bisect
 import collections
 import dataclasses
+import glob
 import itertools
 import math
 import multiprocessing
@@ -54,6 +58,8 @@ buffer_size = 1000          # documents per rank the best-fit packer chooses fro
 device = ""                 # "" = autodetect (cuda > mps > cpu)
 resume = 0                  # 1 = continue from the latest base checkpoint (model, optimizer, loader)
 use_compile = 1             # torch.compile the model on cuda (ignored on other devices)
+preflight = 0               # 1 = check this run at full size without allocating it (meta device), print its plan, exit
+gpu_memory_gib = -1.0       # memory of one GPU, for the device batch and the preflight; -1 = the GPU's (80 without one)
 seed = 42                   # torch seed for the initial weights
 # model
 depth = 20                  # the dial: n_layer; width 64*depth, heads of 128
@@ -61,7 +67,7 @@ n_embd = -1                 # width override for tiny models; -1 = 64*depth
 n_head = -1                 # heads override; -1 = from the width (head_dim 128, at least 1 head)
 max_seq_len = 2048          # tokens per row
 # batch and horizon (precedence: num_steps > target_flops > target_param_data_ratio)
-device_batch_size = 32      # rows per rank per micro-step
+device_batch_size = -1      # rows per rank per micro-step; -1 = the largest power of two that fits the GPU
 total_batch_size = 524288   # tokens per optimizer step across all ranks; grad accumulation is derived
 num_steps = -1              # optimizer steps; -1 = derive from target_flops or the ratio
 target_flops = -1.0         # total training FLOPs; -1 = unused
@@ -88,6 +94,17 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
                   "The planets of the solar system are:", "My favorite color is",
                   "If 5*x + 3 = 13, then x is"]
+# Data arithmetic (tests/bench/RESULTS.md): the best-fit packer crops part of the tokens it reads at
+# T=2048: 34.6% on real FineWeb-Edu in the reference's measurement, 15.5% in ours on synthetic
+# documents of FineWeb-Edu-like lengths; we size the download by the larger crop until it is measured
+# on real shards. A shard holds about 250M characters, at about 4.8 characters per token of our
+# 65,536-token BPE; we fetch 10% more.
+KEPT_FRAC = 0.65
+SHARD_CHARS = 250e6
+CHARS_PER_TOKEN = 4.8
+SHARD_MARGIN = 1.1
+SPEEDRUN_VOCAB = 65536      # the vocabulary the speedrun trains (run_all.sh); the preflight's when none is on disk
+ASSUMED_MFU = 0.45          # for the preflight's wall-time estimate: an assumption, not a measurement
 # bf16 dense peak FLOP/s per GPU, for MFU (REFERENCE §5); the first name contained in the device's wins
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
               ("B200", 2.25e15)]
@@ -200,9 +217,10 @@ def rank_row_groups(counts, rank, world, start=(0, 0, None)):
 
 
 def packed_batches(paths, counts, tokenizer, B, T, rank=0, world=1, device="cpu", state=None,
-                   workers=0, buffer_size=1000):
+                   workers=0, buffer_size=1000, say_passes=True):
     """Yield (inputs, targets, state) forever: (B, T) int64 tensors on `device`, and the loader
     state just before this batch, from which packed_batches(..., state=state) yields it again.
+    With say_passes, rank 0 prints when it starts reading the data again.
 
     The state is {"epoch", "shard", "group": the next row group to read, "buffer": the buffered
     documents as [shard name, group, [rows...]] in arrival order}: resuming re-encodes exactly those.
@@ -230,6 +248,7 @@ def packed_batches(paths, counts, tokenizer, B, T, rank=0, world=1, device="cpu"
             add(i, group, rows, split_docs(*encode_row_group(paths[i], group, tokenizer)))
         start = (state["epoch"], index_of(state["shard"]), state["group"])
     units = rank_row_groups(counts, rank, world, start)
+    reading_epoch = start[0]
     # spawn, not fork: forking a process that has started CUDA or threads is unsafe
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker,
                                (tokenizer.merges, tokenizer.pattern)) if workers > 0 else None
@@ -242,9 +261,14 @@ def packed_batches(paths, counts, tokenizer, B, T, rank=0, world=1, device="cpu"
         return pending[0][0]
 
     def refill():
+        nonlocal reading_epoch
         while len(docs) < buffer_size:
             next_unit()   # tops up the queue
-            (_, i, group), future = pending.popleft()
+            (epoch, i, group), future = pending.popleft()
+            if epoch > reading_epoch and say_passes:   # a second pass over the data looks like a fine run
+                reading_epoch = epoch
+                gpt.print0(f"loader: all {len(paths)} shard(s) read; pass {epoch + 1} over the same data "
+                           f"begins (download more shards for a run this long)")
             pieces = split_docs(*(future.result() if future else encode_row_group(paths[i], group, tokenizer)))
             add(i, group, range(len(pieces)), pieces)
 
@@ -299,6 +323,65 @@ def model_config(depth, n_embd, n_head, vocab_size, seq_len):
     return config
 
 
+def horizon_steps(num_steps, target_flops, target_param_data_ratio, flops_per_token, num_params, total_batch_size):
+    """(optimizer steps, the knob that set them): num_steps > target_flops > target_param_data_ratio."""
+    if num_steps > 0:
+        return num_steps, "num_steps"
+    if target_flops > 0:
+        return round(target_flops / (flops_per_token * total_batch_size)), "target_flops"
+    if target_param_data_ratio > 0:
+        return round(target_param_data_ratio * num_params / total_batch_size), "target_param_data_ratio"
+    raise SystemExit("no horizon: set --num_steps, --target_flops or --target_param_data_ratio")
+
+
+def shards_needed(train_tokens):
+    """Train shards that hold `train_tokens` after packing, with SHARD_MARGIN to spare."""
+    return math.ceil(train_tokens / KEPT_FRAC * CHARS_PER_TOKEN / SHARD_CHARS * SHARD_MARGIN)
+
+
+def depth_shards(depth, seq_len, total_batch_size, target_param_data_ratio):
+    """Shards for a run of the depth dial at a tokens:params ratio (run_all.sh sizes its download so)."""
+    with torch.device("meta"):
+        model = gpt.GPT(gpt.config_from_depth(depth, SPEEDRUN_VOCAB, seq_len))
+    steps, _ = horizon_steps(-1, -1, target_param_data_ratio, 0, model.num_params()["total"], total_batch_size)
+    return shards_needed(steps * total_batch_size)
+
+
+def shard_tokens(paths, tokenizer, sample_docs=64):
+    """About how many tokens the shards hold: their text bytes (from the parquet metadata) over the
+    bytes per token of the first documents of the first shard."""
+    texts = read_texts(paths[0], 0)[:sample_docs]
+    tokens = sum(len(ids) + 1 for ids in tokenizer.encode_batch(texts))   # + <|bos|>
+    bytes_per_token = sum(len(t.encode()) for t in texts) / max(1, tokens)
+    total = 0
+    for path in paths:
+        meta = pq.ParquetFile(path).metadata
+        column = meta.schema.names.index("text")
+        total += sum(meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups))
+    return total / bytes_per_token
+
+
+def data_warning(paths, tokenizer, train_tokens, total_batch_size):
+    """A warning when the shards hold fewer tokens after packing than the run trains on, else None."""
+    kept = shard_tokens(paths, tokenizer) * KEPT_FRAC
+    if train_tokens <= kept:
+        return None
+    return (f"warning: the run trains on {train_tokens:,} tokens, but the {len(paths)} train shard(s) on disk "
+            f"hold about {kept:,.0f} after packing ({1 - KEPT_FRAC:.0%} cropped at T=2048): from about step "
+            f"{int(kept / total_batch_size):,} the data repeats. One pass needs about "
+            f"{math.ceil(len(paths) * train_tokens / kept * SHARD_MARGIN)} shards (python pretrain.py --download=N)")
+
+
+def fit_device_batch(model, rows_per_rank, world_size, memory, compiled=True):
+    """The largest power of two that divides rows_per_rank and whose estimated training step
+    (GPT.estimate_memory) fits in `memory` less gpt.MEMORY_RESERVE_GIB; 1 when even 2 does not fit."""
+    usable, batch = memory - gpt.MEMORY_RESERVE_GIB * 2**30, 1
+    while (rows_per_rank % (2 * batch) == 0
+           and sum(model.estimate_memory(2 * batch, world_size, compiled).values()) <= usable):
+        batch *= 2
+    return batch
+
+
 def lr_multiplier(step, num_steps, warmup_steps, warmdown_frac, final_lr_frac):
     """Linear warmup, constant, then linear warmdown to final_lr_frac at num_steps."""
     warmdown_steps = round(warmdown_frac * num_steps)
@@ -336,21 +419,27 @@ if __name__ == "__main__":
         sys.exit(0)
 
     # ------------------------------------------------------------------ setup
-    ddp, rank, local_rank, world_size, dev = gpt.compute_init(device)
+    if preflight:   # the planned GPUs' run on the meta device: no process group, nothing allocated
+        ddp, rank, local_rank, world_size, dev = False, 0, 0, gpt.planned_world_size(), torch.device("meta")
+        dtype, dtype_reason = torch.bfloat16, "bf16: planned for GPUs that have it"
+    else:
+        ddp, rank, local_rank, world_size, dev = gpt.compute_init(device)
+        dtype, dtype_reason = gpt.compute_dtype(dev)
     master = rank == 0
-    dtype, dtype_reason = gpt.compute_dtype(dev)
     torch.manual_seed(seed)
     git = gpt.git_info()
     gpt.print0(f"device {dev} x {world_size} rank(s), dtype {dtype} ({dtype_reason}), git {git}")
-    tok = gpt.load_tokenizer()
-    token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.int64, device=dev)
+    has_tokenizer = os.path.exists(os.path.join(gpt.home(), "tokenizer", "tokenizer.json"))
+    tok = gpt.load_tokenizer() if has_tokenizer or not preflight else None
+    vocab_size = tok.vocab_size if tok else SPEEDRUN_VOCAB   # a preflight before the tokenizer exists
+    token_bytes = torch.tensor(tok.token_bytes() if tok else [], dtype=torch.int64, device=dev)
     log_path = os.path.join(gpt.home(), "logs", "base.jsonl")
 
     # ------------------------------------------------------------------ model
-    arch = model_config(depth, n_embd, n_head, tok.vocab_size, max_seq_len)
+    arch = model_config(depth, n_embd, n_head, vocab_size, max_seq_len)
     tag = f"d{arch.n_layer}"
     meta, optim_state = None, None
-    if resume:
+    if resume and not preflight:
         raw_model, meta, optim_state = gpt.load_checkpoint("base", dev, tag=tag, tokenizer=tok, rank=rank, dtype=dtype)
         if raw_model.config != arch:   # the loaded config: fields newer than the checkpoint take their defaults
             raise SystemExit(f"--resume: the checkpoint's model {meta['model_config']} differs from "
@@ -366,19 +455,26 @@ if __name__ == "__main__":
     gpt.print0(f"model {arch}: " + ", ".join(f"{k} {v:,}" for k, v in num_params.items()))
 
     # ------------------------------------------------------------------ horizon and batch
+    if total_batch_size % (max_seq_len * world_size):
+        raise SystemExit(f"total_batch_size {total_batch_size} is not a multiple of max_seq_len {max_seq_len} "
+                         f"x {world_size} ranks: every rank must get whole rows")
+    rows_per_rank = total_batch_size // (max_seq_len * world_size)
+    memory, memory_why = gpt.gpu_memory(gpu_memory_gib)
+    compiled = bool(use_compile) and dev.type in ("cuda", "meta")   # as above; a preflight plans for GPUs
+    if device_batch_size < 0:   # a resumed run replays its batches exactly: it keeps its own
+        device_batch_size = (meta["device_batch_size"] if meta else
+                             fit_device_batch(raw_model, rows_per_rank, world_size, memory, compiled))
+        estimate = raw_model.estimate_memory(device_batch_size, world_size, compiled)
+        gpt.print0(f"device_batch_size {device_batch_size}: the largest power of two dividing the {rows_per_rank} rows per "
+                   f"rank per step whose estimated training step fits in {memory_why} less {gpt.MEMORY_RESERVE_GIB} GiB: "
+                   f"{sum(estimate.values()) / 2**30:.1f} GiB = " + " + ".join(f"{k} {v / 2**30:.1f}" for k, v in estimate.items()))
     tokens_per_micro_step = device_batch_size * max_seq_len * world_size
     assert total_batch_size % tokens_per_micro_step == 0, (
         f"total_batch_size {total_batch_size} is not a multiple of device_batch_size {device_batch_size} "
         f"x max_seq_len {max_seq_len} x {world_size} ranks = {tokens_per_micro_step}")
     grad_accum = total_batch_size // tokens_per_micro_step
-    if num_steps > 0:
-        horizon, why = num_steps, "num_steps"
-    elif target_flops > 0:
-        horizon, why = round(target_flops / (flops_per_token * total_batch_size)), "target_flops"
-    elif target_param_data_ratio > 0:
-        horizon, why = round(target_param_data_ratio * num_params["total"] / total_batch_size), "target_param_data_ratio"
-    else:
-        raise SystemExit("no horizon: set --num_steps, --target_flops or --target_param_data_ratio")
+    horizon, why = horizon_steps(num_steps, target_flops, target_param_data_ratio, flops_per_token,
+                                 num_params["total"], total_batch_size)
     if meta is not None and meta["num_steps"] != horizon:
         raise SystemExit(f"--resume: the checkpoint's run has {meta['num_steps']} steps, these knobs "
                          f"give {horizon}; the schedule must not change mid-run")
@@ -386,6 +482,30 @@ if __name__ == "__main__":
                f"(from {why}) = {horizon * total_batch_size:,} tokens = "
                f"{horizon * total_batch_size / num_params['total']:.1f} tokens/param, "
                f"{horizon * total_batch_size * flops_per_token:.3e} FLOPs")
+
+    # ------------------------------------------------------------------ preflight: the plan at full size, then exit
+    if preflight:
+        optimizer = raw_model.setup_optimizer(embedding_lr, unembedding_lr, matrix_lr, weight_decay)
+        # one training, eval and decode step at full size (it stops here on a device or dtype mismatch)
+        memory_line, too_big = gpt.preflight(raw_model, device_batch_size, max_seq_len, optimizer, world_size,
+                                             memory, memory_why, compiled)
+        gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else gpt.ASSUMED_GPU[0]
+        gpu_flops = next((flops for key, flops in PEAK_FLOPS if key in gpu_name), None)
+        train_tokens = horizon * total_batch_size
+        on_disk = [p for p in sorted(glob.glob(os.path.join(data_dir, "shard_*.parquet"))) if not p.endswith(VAL_SHARD)]
+        rows = [("parameters", f"{num_params['total']:,}"), ("FLOPs per token", f"{flops_per_token:.3e}"),
+                ("tokens per step", f"{total_batch_size:,} = {device_batch_size} rows x {max_seq_len} x "
+                                    f"{world_size} ranks x {grad_accum} micro-step(s)"),
+                ("steps", f"{horizon:,} (from {why}) = {train_tokens / 1e9:.2f}B tokens"),
+                ("shards needed", f"{shards_needed(train_tokens)} ({len(on_disk)} on disk)"),
+                ("peak memory per GPU", memory_line),
+                ("wall time", f"{train_tokens * flops_per_token / (world_size * gpu_flops * ASSUMED_MFU) / 3600:.2f} h "
+                              f"at {ASSUMED_MFU:.0%} MFU on {gpu_name}s" if gpu_flops else f"unknown: no peak FLOP/s for {gpu_name}"),
+                ("checked", "training step, eval step, KV-cache decode step on the meta device")]
+        print("preflight:\n" + "\n".join(f"  {name:<20} {value}" for name, value in rows))
+        if on_disk and tok and (warning := data_warning(on_disk, tok, train_tokens, total_batch_size)):
+            print(warning)
+        sys.exit(too_big)   # None: exit 0
 
     # ------------------------------------------------------------------ data
     train_paths = bpe.shard_paths(data_dir)
@@ -397,6 +517,8 @@ if __name__ == "__main__":
     if ddp:
         dist.barrier()
     *train_counts, val_count = check_shards(train_paths + [val_path], refetch=False)
+    if master and (warning := data_warning(train_paths, tok, horizon * total_batch_size, total_batch_size)):
+        gpt.print0(warning)
     # auto: 0 off cuda, where the model is the bottleneck; on a GPU node up to 4 of the cores left
     # per GPU, so encoding stays off the core that launches kernels (tests/bench/RESULTS.md)
     cores_per_gpu = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
@@ -409,8 +531,8 @@ if __name__ == "__main__":
     assert eval_steps > 0, f"eval_tokens {eval_tokens} is less than one micro-step ({tokens_per_micro_step} tokens)"
     # every rank packs the same val rows and keeps batches rank, rank+W, ...: the val set is the
     # same for any number of ranks, so runs on 1 and 8 GPUs report comparable bpb
-    val_loader = packed_batches([val_path], [val_count], tok, device_batch_size, max_seq_len,
-                                device=dev, workers=workers, buffer_size=buffer_size)
+    val_loader = packed_batches([val_path], [val_count], tok, device_batch_size, max_seq_len, device=dev,
+                                workers=workers, buffer_size=buffer_size, say_passes=False)
     val_batches = [(vx, vy) for vx, vy, _ in itertools.islice(val_loader, rank, eval_steps * world_size, world_size)]
     val_loader.close()
     gpt.print0(f"{len(train_paths)} train shards, {workers} loader worker(s) per rank; "

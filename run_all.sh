@@ -205,7 +205,8 @@ environment knobs (speedrun):
   NPROC=<GPUs listed>       processes (GPUs) per node
   NNODES=1, NODE_RANK=0     nodes, and this node's rank (multi-node: run on every node)
   MASTER_ADDR=127.0.0.1, MASTER_PORT=29500   rendezvous of the nodes
-  DEVICE_BATCH_SIZE=32      rows of 2048 tokens per GPU per micro-step; lower it when memory runs out
+  DEVICE_BATCH_SIZE=<fits>  rows of 2048 tokens per GPU per micro-step; unset: the largest power of two
+                            that fits the GPU memory (pretrain.py prints why); lower it on an OOM
   SHARDS=<from DEPTH>       pretraining shards to download (250M characters each)
   TORCH_BUILD=<from driver> PyTorch CUDA build to install: cu126, cu128, cu130, or cpu
 environment knobs (tiny):
@@ -251,15 +252,19 @@ speedrun)
     NPROC="${NPROC:-$(nvidia-smi -L | wc -l)}"; [ "$NPROC" -ge 1 ] || NPROC=1
     NNODES="${NNODES:-1}"; NODE_RANK="${NODE_RANK:-0}"
     MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"; MASTER_PORT="${MASTER_PORT:-29500}"
-    DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-32}"   # rows of 2048 tokens per GPU; halve it if memory runs out
-    # Shards: params(d) = 2*65536*64d (embedding + head) + 12*(64d)^2*d (blocks); x20 tokens/param;
-    # x4.8 chars/token (the tokenizer's compression on FineWeb-Edu); / 250M chars per shard; +10%.
-    # d20: 561M params -> 11.2B tokens -> 54B chars -> 216 shards -> 238.
-    SHARDS="${SHARDS:-$(python -c "
-d = 64 * $DEPTH; params = 2 * 65536 * d + 12 * d * d * $DEPTH
-print(int(params * 20 * 4.8 / 250e6 * 1.1) + 1)")}"
+    # rows of 2048 tokens per GPU; unset: pretrain.py picks the largest power of two that fits the
+    # GPU's memory and prints why (d20 32, d26 16, d32 8 on 80 GB); midtrain inherits pretrain's
+    DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-}"
+    # Shards: DEPTH's horizon (20 tokens/param), / 0.65 (the best-fit packer crops about 35% of the
+    # tokens it reads at T=2048), x 4.8 chars/token, / 250M chars per shard, +10% (pretrain.py
+    # depth_shards; tests/bench/RESULTS.md). d20: 11.2B tokens -> 365 shards; d26 704; d32 1222.
+    SHARDS="${SHARDS:-$(python -c "import pretrain as p
+print(p.depth_shards($DEPTH, p.max_seq_len, p.total_batch_size, p.target_param_data_ratio))")}"
     mkdir -p "$SLIMCHAT_HOME"
     echo "speedrun: depth $DEPTH, $NPROC GPUs x $NNODES nodes, $SHARDS shards, SLIMCHAT_HOME=$SLIMCHAT_HOME"
+
+    # the run at full size on the meta device, in seconds: stops now if the batch cannot fit
+    python pretrain.py --preflight=1 --depth="$DEPTH" ${DEVICE_BATCH_SIZE:+--device_batch_size="$DEVICE_BATCH_SIZE"}
 
     # tokenizer: 8 shards (2B chars) are enough to train it; the rest download meanwhile
     step download8 python pretrain.py --download=8
@@ -272,14 +277,14 @@ print(int(params * 20 * 4.8 / 250e6 * 1.1) + 1)")}"
     download_pid=""
 
     # pretrain: d20 at 20 tokens/param, 524,288 tokens per step -> 21,400 steps, ~3e19 FLOPs
-    step pretrain launch pretrain.py --device=cuda --depth="$DEPTH" --device_batch_size="$DEVICE_BATCH_SIZE" \
+    step pretrain launch pretrain.py --device=cuda --depth="$DEPTH" ${DEVICE_BATCH_SIZE:+--device_batch_size="$DEVICE_BATCH_SIZE"} \
         --save_every=1000 $(resume_flag base "$tag")
     step eval_base launch evaluate.py --device=cuda --stage=base
     # the multiple-choice chat tasks on the base model too: the "before" column of the report card
     step eval_base_chat launch evaluate.py --device=cuda --stage=base --tasks=ARC-Easy,ARC-Challenge,MMLU
 
     # mid-training: one pass over the §6 mixture (~850K conversations), then the chat evals
-    step midtrain launch midtrain.py --device=cuda --model_tag="$tag" --device_batch_size="$DEVICE_BATCH_SIZE" \
+    step midtrain launch midtrain.py --device=cuda --model_tag="$tag" ${DEVICE_BATCH_SIZE:+--device_batch_size="$DEVICE_BATCH_SIZE"} \
         --save_every=200 $(resume_flag mid "$tag")
     step eval_mid launch evaluate.py --device=cuda --stage=mid
     # SFT: one epoch of the §7 mixture (~23K conversations)

@@ -31,6 +31,7 @@ one gpu:   python sft.py
 torchrun:  torchrun --standalone --nproc_per_node=8 sft.py
 """
 import os
+import sys
 import time
 
 import torch
@@ -51,6 +52,8 @@ init_stage = "mid"          # stage whose latest checkpoint we start from: mid |
 model_tag = ""              # checkpoint tag to load and write; "" = the source's (d{n_layer})
 device = ""                 # "" = autodetect (cuda > mps > cpu)
 resume = 0                  # 1 = continue from the latest sft checkpoint (model, optimizer, loader)
+preflight = 0               # 1 = check this run at full size without allocating it (meta device), print its plan, exit
+gpu_memory_gib = -1.0       # memory of one GPU, for the preflight; -1 = the GPU's (80 without one)
 # batch and horizon
 max_seq_len = None          # longest row in tokens; None = inherit from the source checkpoint
 device_batch_size = 4       # conversations per rank per micro-step
@@ -165,18 +168,25 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ setup
     own = evaluate.load_own_data(data) if data else None   # a bad line stops the run here, before any work
-    ddp, rank, local_rank, world_size, dev = gpt.compute_init(device)
+    if preflight:   # the planned GPUs' run on the meta device: no process group, nothing allocated
+        ddp, rank, local_rank, world_size, dev = False, 0, 0, gpt.planned_world_size(), torch.device("meta")
+        dtype, dtype_reason = torch.bfloat16, "bf16: planned for GPUs that have it"
+    else:
+        ddp, rank, local_rank, world_size, dev = gpt.compute_init(device)
+        dtype, dtype_reason = gpt.compute_dtype(dev)
     master = rank == 0
-    dtype, dtype_reason = gpt.compute_dtype(dev)
     gpt.print0(f"device {dev} x {world_size} rank(s), dtype {dtype} ({dtype_reason}), git {gpt.git_info()}")
-    tok = gpt.load_tokenizer()
-    token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.int64, device=dev)
+    tok = None if preflight else gpt.load_tokenizer()
     log_path = os.path.join(gpt.home(), "logs", "sft.jsonl")
 
     # ------------------------------------------------------------------ model
     source = "sft" if resume else init_stage
-    model, meta, optim_state = gpt.load_checkpoint(source, dev, tag=model_tag or None, tokenizer=tok,
-                                                   rank=rank, dtype=dtype)
+    if preflight:   # the checkpoint's meta gives the model; its weights stay on disk
+        meta, optim_state = gpt.read_meta(source, model_tag or None), None
+        model = gpt.new_model(gpt.GPTConfig(**meta["model_config"]), dev, dtype)
+    else:
+        model, meta, optim_state = gpt.load_checkpoint(source, dev, tag=model_tag or None, tokenizer=tok,
+                                                       rank=rank, dtype=dtype)
     if not resume:
         optim_state = None   # the previous stage's moments belong to its data; start afresh
     tag = model_tag or f"d{model.config.n_layer}"
@@ -195,6 +205,14 @@ if __name__ == "__main__":
         f"examples_per_step {examples_per_step} is not a multiple of device_batch_size {device_batch_size} "
         f"x {world_size} ranks = {examples_per_micro_step}")
     grad_accum = examples_per_step // examples_per_micro_step
+    if preflight:   # one training, eval and decode step at full size (rows padded to max_seq_len at worst)
+        optimizer = model.setup_optimizer()
+        memory, memory_why = gpt.gpu_memory(gpu_memory_gib)
+        line, too_big = gpt.preflight(model, device_batch_size, max_seq_len, optimizer, world_size, memory,
+                                      memory_why, compiled=False)
+        print(f"preflight: {device_batch_size} rows of up to {max_seq_len} tokens per GPU; peak memory per GPU {line}")
+        sys.exit(too_big)   # None: exit 0
+    token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.int64, device=dev)
 
     # ------------------------------------------------------------------ data
     train_set = train_mixture(own, data_mode, smoltalk_rows, spelling_rows, mmlu_epochs)
