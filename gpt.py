@@ -129,18 +129,13 @@ class Attention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H*, T, D)
-        if kv_cache is not None:
-            k, v = kv_cache.insert(layer, k, v)                    # (B, Hkv, Tk, D), prefix included
-        Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_head != self.n_kv_head
-        if Tq == Tk:      # training or prefill: plain causal
+        if kv_cache is None:   # training, evaluation: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif Tq == 1:     # one new token attends to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:             # a chunk after a prefix: the whole prefix plus causal within the chunk
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        else:                  # the whole cache, each query masked to the positions up to its own
+            k, v, mask = kv_cache.insert(layer, k, v)              # (B, Hkv, S, D), (T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, Tq, C)                    # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C)                     # (B, T, C)
         return self.c_proj(y)
 
 
@@ -218,13 +213,18 @@ class GPT(nn.Module):
         With a kv_cache, idx continues the cached sequence at position kv_cache.pos.
         """
         B, T = idx.shape
-        t0 = 0 if kv_cache is None else kv_cache.pos
-        assert t0 + T <= self.cos.size(1), f"position {t0 + T} beyond the rotary table ({self.cos.size(1)})"
-        cos = self.cos[:, t0:t0 + T].to(self.compute_dtype)
-        sin = self.sin[:, t0:t0 + T].to(self.compute_dtype)
+        if kv_cache is None:
+            assert T <= self.cos.size(1), f"{T} positions, beyond the rotary table ({self.cos.size(1)})"
+            cos, sin = self.cos[:, :T], self.sin[:, :T]          # (1, T, 1, D/2)
+        else:   # positions from a tensor: one compiled decode step serves every position
+            pos = kv_cache.pos + torch.arange(T, device=idx.device)
+            cos, sin = self.cos[:, pos], self.sin[:, pos]        # (1, T, 1, D/2)
+        cos, sin = cos.to(self.compute_dtype), sin.to(self.compute_dtype)
         x = norm(self.wte(idx).to(self.compute_dtype))          # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, layer, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
         logits = self.lm_head(norm(x)).float()                  # (B, T, V), fp32 from here
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
@@ -455,39 +455,42 @@ class MuonAdamW(torch.optim.Optimizer):
 class KVCache:
     """
     Keys and values of every layer for B rows, preallocated for `seq_len` positions:
-    k, v have shape (n_layer, B, n_kv_head, seq_len, head_dim). `pos` counts the filled
-    positions and advances once the last layer has inserted.
+    k, v have shape (n_layer, B, n_kv_head, seq_len, head_dim). `pos` (a 0-d tensor, so that a
+    compiled decode step does not specialise on it and recompile at every token) counts the filled
+    positions; the model advances it after the last layer. Attention always reads the whole cache
+    through a mask, so every decode step has the same shapes.
     """
 
     def __init__(self, batch_size, num_kv_heads, seq_len, head_dim, num_layers, device, dtype):
         shape = (num_layers, batch_size, num_kv_heads, seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
 
     @classmethod
     def for_model(cls, model, batch_size, seq_len):
         c = model.config
+        # positions are never checked again (a check would read pos back from the GPU at every token)
+        assert seq_len <= model.cos.size(1), f"{seq_len} positions, beyond the rotary table ({model.cos.size(1)})"
         return cls(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer,
                    model.wte.weight.device, model.compute_dtype)
 
     def insert(self, layer, k, v):
-        """Store k, v (B, Hkv, T, D) at pos; return this layer's keys and values up to pos + T."""
-        t0, t1 = self.pos, self.pos + k.size(2)
-        assert t1 <= self.k.size(3), f"KV cache full: {t1} positions needed, {self.k.size(3)} allocated"
-        self.k[layer, :, :, t0:t1] = k
-        self.v[layer, :, :, t0:t1] = v
-        if layer == self.k.size(0) - 1:
-            self.pos = t1
-        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+        """Store k, v (B, Hkv, T, D) at pos..pos+T-1. Returns this layer's whole cache (B, Hkv, S, D)
+        and the mask (T, S) of the positions each new query may see: the filled ones up to its own."""
+        pos = self.pos + torch.arange(k.size(2), device=k.device)               # (T,)
+        self.k[layer].index_copy_(2, pos, k)   # fails with "index out of range" when the cache is full
+        self.v[layer].index_copy_(2, pos, v)
+        mask = torch.arange(self.k.size(3), device=k.device) <= pos[:, None]    # (T, S)
+        return self.k[layer], self.v[layer], mask
 
     def prefill(self, other):
         """Copy a filled batch-1 cache into every row of this (empty, larger) cache."""
-        n = other.pos
+        n = int(other.pos)
         assert other.k.size(1) == 1 and n <= self.k.size(3), "prefill needs a batch-1 cache that fits"
         self.k[:, :, :, :n] = other.k[:, :, :, :n]
         self.v[:, :, :, :n] = other.v[:, :, :, :n]
-        self.pos = n
+        self.pos.fill_(n)
 
 
 def sample_next_token(logits, rng, temperature, top_k):
