@@ -718,6 +718,35 @@ def compute_dtype(device):
     return torch.float32, f"fp32: no bf16-capable CUDA GPU ({device.type})"
 
 
+# Peak dense (no 2:4 sparsity) bf16 tensor-core FLOP/s with fp32 accumulation, by device name
+# without the "NVIDIA " prefix, matched whole and case-blind, for MFU. Figures from NVIDIA's
+# datasheets (sparse figures halved); GeForce cards accumulate fp32 at half their fp16 rate. A
+# name not listed gets no MFU: a wrong denominator is worse than none (the RTX 4090 D and the laptop
+# 4090 are slower chips under almost the same name).
+PEAK_FLOPS = [
+    (r"H100( SXM5?)?( \d+GB)?( HBM3)?", 989e12),   # "H100 80GB HBM3" is the SXM part
+    (r"H100 PCIe", 756e12),
+    (r"H100 NVL", 835e12),
+    (r"H200( SXM)?( \d+GB)?( HBM3e)?", 989e12),    # an H100 die with more, faster memory
+    (r"H200 NVL", 835e12),
+    (r"GH200( \d+GB)?", 989e12),
+    (r"A100([- ].*)?", 312e12),                     # SXM4 and PCIe, 40 and 80 GB alike
+    (r"L40S", 362e12),
+    (r"L40", 181e12),
+    (r"L4", 121e12),
+    (r"GeForce RTX 4090", 165e12),
+    (r"B100", 1.75e15),
+    (r"B200", 2.25e15),
+    (r"GB200", 2.5e15),
+]
+
+
+def peak_flops(device_name):
+    """Peak dense bf16 FLOP/s of a GPU from its name (torch.cuda.get_device_name), or None when unknown."""
+    name = device_name.strip().removeprefix("NVIDIA ").strip()
+    return next((flops for pattern, flops in PEAK_FLOPS if re.fullmatch(pattern, name, flags=re.I)), None)
+
+
 def load_tokenizer():
     """The trained tokenizer at $SLIMCHAT_HOME/tokenizer/tokenizer.json."""
     path = os.path.join(home(), "tokenizer", "tokenizer.json")

@@ -88,9 +88,6 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
                   "The planets of the solar system are:", "My favorite color is",
                   "If 5*x + 3 = 13, then x is"]
-# bf16 dense peak FLOP/s per GPU, for MFU (REFERENCE §5); the first name contained in the device's wins
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
-              ("B200", 2.25e15)]
 
 # ---------------------------------------------------------------------------
 # shards: download, check, read
@@ -315,14 +312,6 @@ def muon_momentum(step):
     return 0.85 + 0.10 * min(step / 300, 1.0)
 
 
-def peak_flops(device):
-    """bf16 dense peak FLOP/s of one device, or None when unknown (MFU is then not shown)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -429,7 +418,10 @@ if __name__ == "__main__":
         gpt.log_jsonl(log_path, {"event": "start", "step": step, "config": config, "git": git,
                              "world_size": world_size, "num_params": num_params, "num_steps": horizon})
     stop_signal = gpt.stop_requests()   # filled by Ctrl-C / SIGTERM; acted on at the top of the next step
-    peak = peak_flops(dev)
+    gpu_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    peak = gpt.peak_flops(gpu_name) if gpu_name else None
+    gpt.print0(f"MFU against {peak / 1e12:.0f} TFLOP/s, the dense bf16 peak of {gpu_name}" if peak else
+               f"no MFU: no peak FLOP/s known for {gpu_name or dev.type} (gpt.PEAK_FLOPS)")
     val_bpb, timed_steps = None, 0
     while True:
         last_step = step == horizon

@@ -384,6 +384,29 @@ def test_compute_init_without_torchrun(monkeypatch):
         gpt.compute_init("tpu")
 
 
+@pytest.mark.parametrize("name, flops", [
+    ("NVIDIA H100 80GB HBM3", 989e12),           # the SXM part's name
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA GH200 480GB", 989e12),              # not an H200
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA L40S", 362e12),
+    ("NVIDIA L4", 121e12),
+    ("NVIDIA GeForce RTX 4090", 165e12),
+    ("NVIDIA B200", 2.25e15),
+    ("NVIDIA GB200", 2.5e15),                    # not a B200
+    ("NVIDIA GeForce RTX 4090 D", None),         # a cut-down 4090: no MFU rather than a wrong one
+    ("NVIDIA GeForce RTX 4090 Laptop GPU", None),
+    ("Tesla T4", None),
+    ("AMD Instinct MI300X", None),
+])
+def test_peak_flops_by_gpu_name(name, flops):
+    """MFU's denominator: dense bf16 peaks matched on the whole device name; unknown names get None."""
+    assert gpt.peak_flops(name) == flops
+
+
 def test_load_tokenizer(tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="bpe.py train"):
         gpt.load_tokenizer()
