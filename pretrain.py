@@ -437,7 +437,7 @@ if __name__ == "__main__":
             if master:
                 gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb})
         if fresh and master and (last_step or (sample_every > 0 and step % sample_every == 0)):
-            engine = gpt.Engine(raw_model, tok)
+            engine = gpt.Engine(gpt.inference_model(raw_model), tok)
             samples = []
             for prompt in SAMPLE_PROMPTS:
                 seqs, _ = engine.generate_batch([tok.bos_id] + tok.encode(prompt), max_tokens=16, temperature=0.0)

@@ -194,7 +194,8 @@ if __name__ == "__main__":
     start_step = meta["step"] if resume else 0
     gpt.print0(f"starting from the {source} checkpoint at step {meta['step']}; "
                f"parameters: {model.num_params()['total']:,}")
-    engine = gpt.Engine(model, tokenizer)
+    policy = gpt.inference_model(model)   # rollouts' weights in the compute dtype, refreshed after each step
+    engine = gpt.Engine(policy, tokenizer)
     pad_id = tokenizer.special("<|assistant_end|>")   # padding is never a target
     if rank == 0:
         gpt.rewind_log(log_path, start_step if resume else None)   # step start_step is redone
@@ -270,6 +271,7 @@ if __name__ == "__main__":
             group["lr"] = group["initial_lr"] * lrm
         optimizer.step()   # averages the gradients over ranks
         optimizer.zero_grad(set_to_none=True)
+        gpt.inference_model(model, policy)   # the next rollouts sample from the new weights
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0

@@ -221,7 +221,6 @@ if __name__ == "__main__":
                                       matrix_lr * init_lr_frac, weight_decay=0.0)
     if optim_state is not None:
         optimizer.load_state_dict(optim_state)
-    engine = gpt.Engine(model, tok)
 
     # ------------------------------------------------------------------ loop
     loop = meta["loop_state"] if resume else {"min_val_bpb": float("inf"), "training_time": 0.0}
@@ -249,8 +248,9 @@ if __name__ == "__main__":
                 gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb})
             model.train()
         if fresh and (last_step or (mc_every > 0 and step % mc_every == 0)):
-            model.eval()
-            accuracy = {name: evaluate.run_chat_eval(task, model, tok, engine, max_problems=mc_problems)
+            infer = gpt.inference_model(model).eval()   # weights in the compute dtype for the eval's forwards
+            engine = gpt.Engine(infer, tok)
+            accuracy = {name: evaluate.run_chat_eval(task, infer, tok, engine, max_problems=mc_problems)
                         for name, task in mc_tasks.items()}
             model.train()
             gpt.print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
