@@ -769,6 +769,23 @@ def peak_flops(device_name):
     return next((flops for pattern, flops in PEAK_FLOPS if re.fullmatch(pattern, name, flags=re.I)), None)
 
 
+def reset_peak_memory(device):
+    """Start measuring a new peak for peak_memory_gib (nothing to do off cuda)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device):
+    """The most GPU memory torch had allocated since reset_peak_memory, in GiB (what decides an OOM,
+    without the allocator's cached blocks); None off cuda, where there is no such figure."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def memory_text(gib):
+    """' | mem 12.3GiB' for a log line, or '' when there is no figure."""
+    return "" if gib is None else f" | mem {gib:.1f}GiB"
+
+
 def load_tokenizer():
     """The trained tokenizer at $SLIMCHAT_HOME/tokenizer/tokenizer.json."""
     path = os.path.join(home(), "tokenizer", "tokenizer.json")

@@ -429,13 +429,15 @@ if __name__ == "__main__":
         fresh = step > start_step or not resume   # a resumed run has already done step's evals and save
 
         if fresh and (last_step or (eval_every > 0 and step % eval_every == 0)):
+            gpt.reset_peak_memory(dev)
             model.eval()
             val_bpb = evaluate.evaluate_bpb(model, val_batches, eval_steps, token_bytes)
             model.train()
+            eval_mem = gpt.peak_memory_gib(dev)
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
-            gpt.print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            gpt.print0(f"step {step:05d} | val bpb {val_bpb:.4f}" + gpt.memory_text(eval_mem))
             if master:
-                gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb})
+                gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb, "eval_peak_mem_gib": eval_mem})
         if fresh and master and (last_step or (sample_every > 0 and step % sample_every == 0)):
             engine = gpt.Engine(gpt.inference_model(raw_model), tok)
             samples = []
@@ -458,6 +460,7 @@ if __name__ == "__main__":
 
         # ------------------------------------------------------------------ one training step
         sync(dev)
+        gpt.reset_peak_memory(dev)
         t0 = time.time()
         train_loss = torch.zeros((), device=dev)
         for micro_step in range(grad_accum):
@@ -475,6 +478,7 @@ if __name__ == "__main__":
         loss_value = train_loss.item()
         sync(dev)
         dt = time.time() - t0
+        train_mem = gpt.peak_memory_gib(dev)
         step += 1
 
         # ------------------------------------------------------------------ log
@@ -489,10 +493,11 @@ if __name__ == "__main__":
         eta = (loop["training_time"] / timed_steps if timed_steps else dt) * (horizon - step)
         gpt.print0(f"step {step:05d}/{horizon:05d} ({100 * step / horizon:.1f}%) | loss {smooth:.4f} "
                    f"| lrm {lrm:.3f} | dt {dt * 1000:.1f}ms | tok/s {tok_per_sec:,.0f} | mfu "
-                   f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | eta {eta / 60:.1f}m")
+                   f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | eta {eta / 60:.1f}m"
+                   + gpt.memory_text(train_mem))
         if master:
             gpt.log_jsonl(log_path, {"step": step, "loss": loss_value, "smooth_loss": smooth, "lrm": lrm,
-                                 "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu})
+                                 "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "train_peak_mem_gib": train_mem})
 
     # ------------------------------------------------------------------ done
     gpt.print0(f"done at step {step}: min val bpb {loop['min_val_bpb']:.4f}, "

@@ -225,11 +225,15 @@ if __name__ == "__main__":
         last_step = step == num_steps
         stop = gpt.rank_max([len(stop_signal)], ddp, device)[0] > 0   # every rank stops at the same step
         if eval_every > 0 and (step % eval_every == 0 or last_step):
+            gpt.reset_peak_memory(device)
             pass_k = evaluate_pass_at_k(test_task, engine, tokenizer, eval_indices, eval_samples,
                                         sampling, seed, device, ddp)
-            gpt.print0(f"step {step:05d} | " + " ".join(f"pass@{k} {p:.4f}" for k, p in enumerate(pass_k, 1)))
+            eval_mem = gpt.peak_memory_gib(device)
+            gpt.print0(f"step {step:05d} | " + " ".join(f"pass@{k} {p:.4f}" for k, p in enumerate(pass_k, 1))
+                       + gpt.memory_text(eval_mem))
             if rank == 0:
-                gpt.log_jsonl(log_path, {"step": step, **{f"pass@{k}": p for k, p in enumerate(pass_k, 1)}})
+                gpt.log_jsonl(log_path, {"step": step, **{f"pass@{k}": p for k, p in enumerate(pass_k, 1)},
+                                         "eval_peak_mem_gib": eval_mem})
 
         # -------------------------------------------------------------------
         # save
@@ -243,6 +247,7 @@ if __name__ == "__main__":
 
         # -------------------------------------------------------------------
         # rollouts: num_samples answers to each of this rank's questions, graded
+        gpt.reset_peak_memory(device)
         t0 = time.time()
         rollouts, rewards, gen_tokens = [], [], 0   # rollouts: (sequences, masks) per pass
         for idx in step_questions(step, examples_per_step, rank, world_size, len(train_task)):
@@ -275,14 +280,15 @@ if __name__ == "__main__":
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
+        train_mem = gpt.peak_memory_gib(device)
 
         # log: mean reward and sample length over every rank's samples
         reward_sum, count, token_sum = gpt.rank_sum([rewards.sum().item(), rewards.numel(), gen_tokens],
                                                     ddp, device)
         gpt.print0(f"step {step:05d}/{num_steps} | reward {reward_sum / count:.4f} | sample len "
-                   f"{token_sum / count:.1f} | lrm {lrm:.3f} | dt {dt:.2f}s")
+                   f"{token_sum / count:.1f} | lrm {lrm:.3f} | dt {dt:.2f}s" + gpt.memory_text(train_mem))
         if rank == 0:
             gpt.log_jsonl(log_path, {"step": step, "reward": reward_sum / count, "sample_len": token_sum / count,
-                                 "lrm": lrm, "dt": dt})
+                                 "lrm": lrm, "dt": dt, "train_peak_mem_gib": train_mem})
 
     gpt.compute_cleanup()
