@@ -3,6 +3,7 @@
 #   bash run_all.sh          speedrun preset: one 8xH100 node, a few hours
 #   bash run_all.sh tiny     the same stages, shrunk, on CPU against the offline mirror
 #   bash run_all.sh test     install everything the tests need, then run pytest
+#   bash run_all.sh gpucheck the GPU acceptance run: <= 10 minutes on one GPU, no network
 set -euo pipefail
 cd "$(dirname "$0")"
 preset="${1:-speedrun}"
@@ -121,6 +122,16 @@ print(int(params * 20 * 4.8 / 250e6 * 1.1) + 1)")}"
     echo "done. Talk to your model:  source .venv/bin/activate && python serve.py   (then open http://127.0.0.1:8000)"
     ;;
 
+gpucheck)
+    # What the CPU tests cannot settle, on one GPU in under 10 minutes with no network: compiled d20
+    # training at the speedrun's settings (tokens/s, MFU, peak memory of training and of the val eval),
+    # Engine decode tokens/s, a CORE slice and one request through serve.py. Works in
+    # $SLIMCHAT_HOME/gpucheck/ (never the speedrun's files), writes $SLIMCHAT_HOME/gpucheck.json.
+    setup_venv requirements.txt
+    export SLIMCHAT_HOME="${SLIMCHAT_HOME:-$HOME/.cache/slimchat}"
+    python tests/bench/gpucheck.py "${@:2}"
+    ;;
+
 tiny)
     # Every stage, shrunk, on the CPU against the offline mirror (tests/tinyworld.py): no network.
     setup_venv requirements.txt
@@ -173,7 +184,7 @@ tiny)
     ;;
 
 *)
-    echo "unknown preset '$preset': use one of speedrun, tiny, test" >&2
+    echo "unknown preset '$preset': use one of speedrun, tiny, test, gpucheck" >&2
     exit 2
     ;;
 esac
