@@ -89,14 +89,15 @@ def check_train(dev, vocab):
         sync(dev)
         gpt.reset_peak_memory(dev)
         t0 = time.time()
-        total = 0.0
+        train_loss = torch.zeros((), device=dev)
         for _ in range(grad_accum):
             x, y = batch()
             loss = model(x, y)
+            train_loss += loss.detach() / grad_accum
             (loss / grad_accum).backward()
-            total += loss.item() / grad_accum
         optimizer.step()
         model.zero_grad(set_to_none=True)
+        total = train_loss.item()   # reads back once per step, as pretrain.py does
         sync(dev)
         times.append(time.time() - t0)
         mems.append(gpt.peak_memory_gib(dev))
