@@ -22,6 +22,7 @@ stop the others, so one run shows every problem; the exit code is 1 if any faile
   bash run_all.sh gpucheck                            # on a GPU box (sets up .venv)
   python tests/bench/gpucheck.py --device_batch_size=16   # less memory per row group
   python tests/bench/gpucheck.py --smoke=1            # on the CPU in seconds: a tiny model, no compile
+  python tests/bench/gpucheck.py --smoke=1 --use_compile=1   # the same through inductor (a minute more)
 """
 import json
 import math
@@ -46,7 +47,7 @@ import tinyworld
 
 # ---------------------------------------------------------------------------
 # knobs: edit here, or override any of them with --name=value
-smoke = False               # True: tiny sizes on the CPU, no compile (the test suite runs this)
+smoke = False               # True: tiny sizes (SMOKE) on the CPU, no compile; the test suite runs this
 device = ""                 # "" = cuda (cpu with --smoke=1)
 depth = 20                  # the speedrun's model
 device_batch_size = 32      # rows per micro-step (the speedrun's at d20 on 80 GB)
@@ -223,11 +224,9 @@ def describe(name, result):
 
 
 if __name__ == "__main__":
+    if any(re.fullmatch(r"--smoke=(1|true)", arg, flags=re.I) for arg in sys.argv[1:]):
+        globals().update(SMOKE)   # the tiny sizes become the defaults; knobs given explicitly still win
     config = gpt.apply_overrides(globals())
-    if smoke:
-        globals().update(SMOKE)
-        config.update(SMOKE)
-        print("smoke: " + " ".join(f"{k}={v}" for k, v in SMOKE.items()))
     dev = torch.device(device or ("cpu" if smoke else "cuda"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"gpucheck: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; "
