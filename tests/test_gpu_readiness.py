@@ -36,7 +36,7 @@ def test_training_logs_carry_peak_memory_fields_null_on_cpu(base_home, mid_home)
 def test_gpucheck_smoke_runs_every_check(tmp_path):
     """`gpucheck.py --smoke=1`: train (no MFU, no memory figures off cuda), setup, decode, a CORE
     slice through evaluate.py and a request through serve.py all pass, and gpucheck.json says so.
-    About 15 s on an idle 2-core machine (45 s under load), mostly the subprocesses' imports."""
+    11 s on the 2-core machine at load 4, 34 s at load 8: mostly the subprocesses starting up."""
     env = dict(os.environ, SLIMCHAT_HOME=str(tmp_path), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "tests/bench/gpucheck.py", "--smoke=1"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -6,7 +6,7 @@ in at most 10 minutes on one GPU and with no network.
    per step: on one GPU 8 micro-steps, the same work per optimizer step as each of the speedrun's
    8 ranks), torch.compile'd, for 20 steps on random tokens of the real 65,536 vocabulary (only
    speed and memory matter here). Reports tokens/s, MFU (gpt.PEAK_FLOPS; none for an unknown GPU),
-   the compile time, and the peak memory of a training step and of a val eval
+   the compile time (and fails on more than one compiled graph: a graph break or a recompile), and the peak memory of a training step and of a val eval
    (evaluate.evaluate_bpb), which must stay below the training step's.
 2. setup: the offline mirror (tests/tinyworld.py), a tokenizer trained on it (its text runs out of
    merges near 2,000 tokens), and an untrained d20 of that vocabulary saved as a base checkpoint.
@@ -37,6 +37,7 @@ import traceback
 import urllib.request
 
 import torch
+import torch._dynamo.utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -104,6 +105,9 @@ def check_train(dev, vocab):
         mems.append(gpt.peak_memory_gib(dev))
         losses.append(total)
         assert math.isfinite(total), f"non-finite loss {total} at step {step}"
+    # one graph for all the steps: a graph break or a recompile at the real shapes shows here
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs == (1 if use_compile else 0), f"{graphs} compiled graphs for the training step, expected 1"
     model.eval()
     gpt.reset_peak_memory(dev)
     evaluate.evaluate_bpb(model, [batch() for _ in range(eval_batches)], eval_batches,
@@ -116,7 +120,7 @@ def check_train(dev, vocab):
     train_mem = max(mems) if dev.type == "cuda" else None
     if train_mem is not None:   # issue 13: an eval that keeps autograd graphs needs more than training
         assert eval_mem < train_mem, f"the val eval peaked at {eval_mem:.1f}GiB, above training's {train_mem:.1f}GiB"
-    return {"params": raw_model.num_params()["total"], "grad_accum": grad_accum,
+    return {"params": raw_model.num_params()["total"], "grad_accum": grad_accum, "train_graphs": graphs,
             "first_step_s": times[0], "step_s": sum(timed) / len(timed), "tok_per_sec": tok_per_sec,
             "mfu": raw_model.estimate_flops() * tok_per_sec / peak if peak else None, "peak_flops": peak,
             "train_peak_mem_gib": train_mem, "eval_peak_mem_gib": eval_mem,
