@@ -3,8 +3,9 @@ The paths the GPU runs compiled, checked on the CPU with torch.compile's inducto
 one the GPU uses, generating C++ here instead of Triton): the training step, the eval forward
 and the KV-cache decode step each compile to one graph (a graph break would show as a second
 frame), give eager's numbers, and compile once (error_on_recompile turns a recompile into an
-error). Also: bf16 compute trains like fp32. A cold inductor cache costs about 20-40 s of compile
-for the three; torch keeps its cache under /tmp, so later runs take seconds.
+error). Also: bf16 compute trains like fp32. A cold inductor cache costs about 55 s of compile for
+the three on the loaded 2-core machine (load 3-6), most of it inductor's first start; torch keeps
+its cache under /tmp, so later runs take about 10 s.
 """
 import copy
 
