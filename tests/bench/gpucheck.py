@@ -11,7 +11,8 @@ in at most 10 minutes on one GPU and with no network.
 2. setup: the offline mirror (tests/tinyworld.py), a tokenizer trained on it (its text runs out of
    merges near 2,000 tokens), and an untrained d20 of that vocabulary saved as a base checkpoint.
 3. decode: Engine tokens/s at 1 and 16 samples on gpt.inference_model's copy, greedy for a fixed
-   number of tokens (the untrained model never ends a reply).
+   number of tokens (the untrained model never ends a reply), and on the model as trained (fp32
+   weights cast to bf16 at every forward) to show what the copy saves.
 4. core: `python evaluate.py --stage=base --tasks=CORE` on a slice of each CORE task.
 5. serve: `python serve.py --stage=base`, one OpenAI-style request over loopback.
 
@@ -140,20 +141,22 @@ def check_setup(work, env, dev):
 
 
 def check_decode(dev):
-    """Engine tokens/s at 1 and 16 samples (greedy, decode_tokens each, prefill included)."""
+    """Engine tokens/s at 1 and 16 samples (greedy, decode_tokens each, prefill included) on the
+    inference copy, and on the model as trained (fp32 weights cast at every forward) for comparison."""
     tok = gpt.load_tokenizer()
     model, _, _ = gpt.load_checkpoint("base", dev, tokenizer=tok)
-    engine = gpt.Engine(gpt.inference_model(model), tok)
     prompt = [tok.bos_id] + tok.encode("The capital of France is")
     figures = {}
-    for samples in (1, 16):
-        for timed in (False, True):   # the first call warms up the kernels
-            sync(dev)
-            t0 = time.time()
-            steps = sum(1 for _ in engine.generate(prompt, samples, decode_tokens, temperature=0.0))
-            sync(dev)
-        assert steps == decode_tokens, f"{steps} decode steps, expected {decode_tokens}"
-        figures[f"tok_per_sec_{samples}"] = samples * steps / (time.time() - t0)
+    for label, m in (("", gpt.inference_model(model)), ("cast_", model)):
+        engine = gpt.Engine(m, tok)
+        for samples in (1, 16):
+            for timed in (False, True):   # the first call warms up the kernels
+                sync(dev)
+                t0 = time.time()
+                steps = sum(1 for _ in engine.generate(prompt, samples, decode_tokens, temperature=0.0))
+                sync(dev)
+            assert steps == decode_tokens, f"{steps} decode steps, expected {decode_tokens}"
+            figures[f"{label}tok_per_sec_{samples}"] = samples * steps / (time.time() - t0)
     return figures
 
 
@@ -217,7 +220,8 @@ def describe(name, result):
                 f"| train mem {gib(r['train_peak_mem_gib'])} | eval mem {gib(r['eval_peak_mem_gib'])} "
                 f"| first step {r['first_step_s']:.0f}s")
     elif name == "decode":
-        text = f"{r['tok_per_sec_1']:,.0f} tok/s at 1 sample | {r['tok_per_sec_16']:,.0f} tok/s at 16"
+        text = (f"{r['tok_per_sec_1']:,.0f} tok/s at 1 sample | {r['tok_per_sec_16']:,.0f} at 16 "
+                f"(without the inference copy: {r['cast_tok_per_sec_1']:,.0f} | {r['cast_tok_per_sec_16']:,.0f})")
     elif name == "core":
         text = f"CORE {r['CORE']:.4f} over {r['tasks']} tasks x {core_per_task} (untrained model)"
     elif name == "serve":
