@@ -1525,7 +1525,7 @@ if __name__ == "__main__":
     dtype, why = gpt.compute_dtype(dev)
     tokenizer = gpt.load_tokenizer()
     model, meta, _ = gpt.load_checkpoint(stage, dev, tokenizer=tokenizer, dtype=dtype)
-    model.eval()
+    model = gpt.inference_model(model).eval()   # in bf16 on GPUs: weights stored in it, not cast per forward
     engine = gpt.Engine(model, tokenizer)
     out_dir = os.path.join(gpt.home(), "eval", stage)
     gpt.print0(f"evaluating {stage} step {meta['step']} on {dev} ({dtype}: {why}), world size {world_size}: "

@@ -146,20 +146,16 @@ class Attention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         q, k = norm(apply_rotary(q, cos, sin), self.eps), norm(apply_rotary(k, cos, sin), self.eps)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H*, T, D)
-        if kv_cache is not None:
-            k, v = kv_cache.insert(layer, k, v)                    # (B, Hkv, Tk, D), prefix included
-        Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_head != self.n_kv_head
-        if isinstance(kv_cache, RowCache):   # rows of different lengths: each sees its own prefix
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask, enable_gqa=gqa)
-        elif Tq == Tk:    # training or prefill: plain causal
+        if kv_cache is None:   # training, evaluation: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif Tq == 1:     # one new token attends to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:             # a chunk after a prefix: the whole prefix plus causal within the chunk
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        elif isinstance(kv_cache, RowCache):   # rows of different lengths: each sees its own prefix
+            k, v = kv_cache.insert(layer, k, v)                    # (B, Hkv, Tk, D), prefix included
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask, enable_gqa=gqa)
+        else:                  # the whole cache, each query masked to the positions up to its own
+            k, v, mask = kv_cache.insert(layer, k, v)              # (B, Hkv, S, D), (T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, Tq, C)                    # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C)                     # (B, T, C)
         return self.c_proj(y)
 
 
@@ -242,14 +238,18 @@ class GPT(nn.Module):
         if isinstance(kv_cache, RowCache):   # every row continues at its own length
             at = kv_cache.start(T)                                 # (B, T) positions
             cos, sin = self.cos[0, at], self.sin[0, at]            # (B, T, 1, D/2)
-        else:
-            t0 = 0 if kv_cache is None else kv_cache.pos
-            assert t0 + T <= self.cos.size(1), f"position {t0 + T} beyond the rotary table ({self.cos.size(1)})"
-            cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        elif kv_cache is None:
+            assert T <= self.cos.size(1), f"{T} positions, beyond the rotary table ({self.cos.size(1)})"
+            cos, sin = self.cos[:, :T], self.sin[:, :T]          # (1, T, 1, D/2)
+        else:   # positions from a tensor: one compiled decode step serves every position
+            pos = kv_cache.pos + torch.arange(T, device=idx.device)
+            cos, sin = self.cos[:, pos], self.sin[:, pos]        # (1, T, 1, D/2)
         cos, sin = cos.to(self.compute_dtype), sin.to(self.compute_dtype)
         x = norm(self.wte(idx).to(self.compute_dtype), self.config.norm_eps)   # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, layer, kv_cache)
+        if isinstance(kv_cache, KVCache):
+            kv_cache.pos += T
         logits = self.lm_head(norm(x, self.config.norm_eps)).float()   # (B, T, V), fp32 from here
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
@@ -384,6 +384,29 @@ def preflight(model, batch_size, seq_len, optimizer, world_size, memory, memory_
         return line, None
     return line, (f"preflight: {batch_size} rows per GPU do not fit: {line}, and {MEMORY_RESERVE_GIB} GiB "
                   f"stay reserved; lower --device_batch_size")
+
+
+def inference_model(model, copy=None):
+    """
+    The model for work that only runs forwards (samples, evals, serving, RL rollouts): an eval-mode
+    copy with its weights stored in the compute dtype, so that no forward casts the fp32 weights
+    again (at d20 in bf16 those casts read 4 and write 2 bytes for each of 477M weights, 2.9 GB per
+    forward, where a decode step is bound by memory traffic). In fp32 it is the model itself. The copy does not follow the model's
+    training: pass it back as `copy` after an optimizer step to refresh it in place.
+    """
+    if model.compute_dtype == torch.float32:
+        return model
+    if copy is None:
+        with torch.device("meta"):
+            copy = GPT(model.config).to(model.compute_dtype)
+        copy.to_empty(device=model.wte.weight.device)
+        copy.compute_dtype = model.compute_dtype
+        copy.eval().requires_grad_(False)
+    with torch.no_grad():
+        for dst, src in zip([*copy.parameters(), *copy.buffers()], [*model.parameters(), *model.buffers()]):
+            dst.copy_(src)
+    return copy
+
 
 # ---------------------------------------------------------------------------
 # optimizer: Muon + AdamW in one class, for one or many ranks
@@ -553,39 +576,42 @@ class MuonAdamW(torch.optim.Optimizer):
 class KVCache:
     """
     Keys and values of every layer for B rows, preallocated for `seq_len` positions:
-    k, v have shape (n_layer, B, n_kv_head, seq_len, head_dim). `pos` counts the filled
-    positions and advances once the last layer has inserted.
+    k, v have shape (n_layer, B, n_kv_head, seq_len, head_dim). `pos` (a 0-d tensor, so that a
+    compiled decode step does not specialise on it and recompile at every token) counts the filled
+    positions; the model advances it after the last layer. Attention always reads the whole cache
+    through a mask, so every decode step has the same shapes.
     """
 
     def __init__(self, batch_size, num_kv_heads, seq_len, head_dim, num_layers, device, dtype):
         shape = (num_layers, batch_size, num_kv_heads, seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
 
     @classmethod
     def for_model(cls, model, batch_size, seq_len):
         c = model.config
+        # positions are never checked again (a check would read pos back from the GPU at every token)
+        assert seq_len <= model.cos.size(1), f"{seq_len} positions, beyond the rotary table ({model.cos.size(1)})"
         return cls(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer,
                    model.wte.weight.device, model.compute_dtype)
 
     def insert(self, layer, k, v):
-        """Store k, v (B, Hkv, T, D) at pos; return this layer's keys and values up to pos + T."""
-        t0, t1 = self.pos, self.pos + k.size(2)
-        assert t1 <= self.k.size(3), f"KV cache full: {t1} positions needed, {self.k.size(3)} allocated"
-        self.k[layer, :, :, t0:t1] = k
-        self.v[layer, :, :, t0:t1] = v
-        if layer == self.k.size(0) - 1:
-            self.pos = t1
-        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+        """Store k, v (B, Hkv, T, D) at pos..pos+T-1. Returns this layer's whole cache (B, Hkv, S, D)
+        and the mask (T, S) of the positions each new query may see: the filled ones up to its own."""
+        pos = self.pos + torch.arange(k.size(2), device=k.device)               # (T,)
+        self.k[layer].index_copy_(2, pos, k)   # fails with "index out of range" when the cache is full
+        self.v[layer].index_copy_(2, pos, v)
+        mask = torch.arange(self.k.size(3), device=k.device) <= pos[:, None]    # (T, S)
+        return self.k[layer], self.v[layer], mask
 
     def prefill(self, other):
         """Copy a filled batch-1 cache into every row of this (empty, larger) cache."""
-        n = other.pos
+        n = int(other.pos)
         assert other.k.size(1) == 1 and n <= self.k.size(3), "prefill needs a batch-1 cache that fits"
         self.k[:, :, :, :n] = other.k[:, :, :, :n]
         self.v[:, :, :, :n] = other.v[:, :, :, :n]
-        self.pos = n
+        self.pos.fill_(n)
 
 
 class RowCache:
@@ -614,7 +640,7 @@ class RowCache:
 
     def add(self, prefilled):
         """Copy a filled batch-1 KVCache into the next free row."""
-        row, n = len(self.lengths), prefilled.pos
+        row, n = len(self.lengths), int(prefilled.pos)
         assert row < self.max_rows and n <= self.k.size(3), f"no room: row {row}, {n} positions"
         if row == self.k.size(1):
             grow = list(self.k.shape)
@@ -1065,6 +1091,52 @@ def synthetic_data(home_dir=None):
     except (OSError, ValueError):   # no shard (yet), or not parquet
         return False
     return meta.get(b"slimchat_source") == b"tinyworld"
+
+
+# Peak dense (no 2:4 sparsity) bf16 tensor-core FLOP/s with fp32 accumulation, by device name
+# without the "NVIDIA " prefix, matched whole and case-blind, for MFU. Figures from NVIDIA's
+# datasheets (sparse figures halved); GeForce cards accumulate fp32 at half their fp16 rate. A
+# name not listed gets no MFU: a wrong denominator is worse than none (the RTX 4090 D and the laptop
+# 4090 are slower chips under almost the same name).
+PEAK_FLOPS = [
+    (r"H100( SXM5?)?( \d+GB)?( HBM3)?", 989e12),   # "H100 80GB HBM3" is the SXM part
+    (r"H100 PCIe", 756e12),
+    (r"H100 NVL", 835e12),
+    (r"H200( SXM)?( \d+GB)?( HBM3e)?", 989e12),    # an H100 die with more, faster memory
+    (r"H200 NVL", 835e12),
+    (r"GH200( \d+GB)?", 989e12),
+    (r"A100([- ].*)?", 312e12),                     # SXM4 and PCIe, 40 and 80 GB alike
+    (r"L40S", 362e12),
+    (r"L40", 181e12),
+    (r"L4", 121e12),
+    (r"GeForce RTX 4090", 165e12),
+    (r"B100", 1.75e15),
+    (r"B200", 2.25e15),
+    (r"GB200", 2.5e15),
+]
+
+
+def peak_flops(device_name):
+    """Peak dense bf16 FLOP/s of a GPU from its name (torch.cuda.get_device_name), or None when unknown."""
+    name = device_name.strip().removeprefix("NVIDIA ").strip()
+    return next((flops for pattern, flops in PEAK_FLOPS if re.fullmatch(pattern, name, flags=re.I)), None)
+
+
+def reset_peak_memory(device):
+    """Start measuring a new peak for peak_memory_gib (nothing to do off cuda)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device):
+    """The most GPU memory held by tensors since reset_peak_memory, in GiB (the allocator's cache and
+    fragmentation come on top); None off cuda, where there is no such figure."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def memory_text(gib):
+    """' | mem 12.3GiB' for a log line, or '' when there is no figure."""
+    return "" if gib is None else f" | mem {gib:.1f}GiB"
 
 
 def load_tokenizer():

@@ -257,13 +257,15 @@ if __name__ == "__main__":
         fresh = step > start_step or not resume   # a resumed run has already done step's evals and save
 
         if fresh and (last_step or (eval_every > 0 and step % eval_every == 0)):
+            gpt.reset_peak_memory(dev)
             model.eval()
             val_bpb = evaluate.evaluate_bpb(model, val_batches, eval_steps, token_bytes)
             model.train()
+            eval_mem = gpt.peak_memory_gib(dev)
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
-            gpt.print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            gpt.print0(f"step {step:05d} | val bpb {val_bpb:.4f}" + gpt.memory_text(eval_mem))
             if master:
-                gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb})
+                gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb, "eval_peak_mem_gib": eval_mem})
         if stop or (fresh and (last_step or (save_every > 0 and step % save_every == 0 and step > 0))):
             loader_states = gpt.rank_gather(loader_state, ddp)
             checkpoint_meta = {"val_bpb": val_bpb, "config": config, "tokenizer": tok.fingerprint(),
@@ -277,6 +279,7 @@ if __name__ == "__main__":
             break
 
         # ------------------------------------------------------------------ one training step
+        gpt.reset_peak_memory(dev)
         t0 = time.time()
         train_loss = torch.zeros((), device=dev)
         for micro_step in range(grad_accum):
@@ -298,6 +301,7 @@ if __name__ == "__main__":
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = time.time() - t0
+        train_mem = gpt.peak_memory_gib(dev)
         step += 1
 
         # ------------------------------------------------------------------ log
@@ -305,10 +309,11 @@ if __name__ == "__main__":
             loop["training_time"] += dt
         gpt.print0(f"step {step:05d} ({100 * progress:.1f}% of the pass) | loss {loss_value:.4f} | lrm {lrm:.3f} "
                    f"| dt {dt * 1000:.1f}ms | tok/s {total_batch_size / dt:,.0f}"
-                   + (" | update skipped: non-finite loss" if skipped else ""))
+                   + gpt.memory_text(train_mem) + (" | update skipped: non-finite loss" if skipped else ""))
         if master:
             gpt.log_jsonl(log_path, {"step": step, "loss": loss_value, "progress": progress, "lrm": lrm,
-                                 "dt": dt, "tok_per_sec": total_batch_size / dt, "skipped": skipped})
+                                 "dt": dt, "tok_per_sec": total_batch_size / dt, "skipped": skipped,
+                                 "train_peak_mem_gib": train_mem})
 
     # ------------------------------------------------------------------ done
     gpt.print0(f"done at step {step}: min val bpb {loop['min_val_bpb']:.4f}, "

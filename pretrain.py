@@ -105,9 +105,6 @@ CHARS_PER_TOKEN = 4.8
 SHARD_MARGIN = 1.1
 SPEEDRUN_VOCAB = 65536      # the vocabulary the speedrun trains (run_all.sh); the preflight's when none is on disk
 ASSUMED_MFU = 0.45          # for the preflight's wall-time estimate: an assumption, not a measurement
-# bf16 dense peak FLOP/s per GPU, for MFU (REFERENCE §5); the first name contained in the device's wins
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
-              ("B200", 2.25e15)]
 
 # ---------------------------------------------------------------------------
 # shards: download, check, read
@@ -398,14 +395,6 @@ def muon_momentum(step):
     return 0.85 + 0.10 * min(step / 300, 1.0)
 
 
-def peak_flops(device):
-    """bf16 dense peak FLOP/s of one device, or None when unknown (MFU is then not shown)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -490,7 +479,7 @@ if __name__ == "__main__":
         memory_line, too_big = gpt.preflight(raw_model, device_batch_size, max_seq_len, optimizer, world_size,
                                              memory, memory_why, compiled)
         gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else gpt.ASSUMED_GPU[0]
-        gpu_flops = next((flops for key, flops in PEAK_FLOPS if key in gpu_name), None)
+        gpu_flops = gpt.peak_flops(gpu_name)
         train_tokens = horizon * total_batch_size
         on_disk = [p for p in sorted(glob.glob(os.path.join(data_dir, "shard_*.parquet"))) if not p.endswith(VAL_SHARD)]
         rows = [("parameters", f"{num_params['total']:,}"), ("FLOPs per token", f"{flops_per_token:.3e}"),
@@ -551,7 +540,10 @@ if __name__ == "__main__":
         gpt.log_jsonl(log_path, {"event": "start", "step": step, "config": config, "git": git,
                              "world_size": world_size, "num_params": num_params, "num_steps": horizon})
     stop_signal = gpt.stop_requests()   # filled by Ctrl-C / SIGTERM; acted on at the top of the next step
-    peak = peak_flops(dev)
+    gpu_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    peak = gpt.peak_flops(gpu_name) if gpu_name else None
+    gpt.print0(f"MFU against {peak / 1e12:.0f} TFLOP/s, the dense bf16 peak of {gpu_name}" if peak else
+               f"no MFU: no peak FLOP/s known for {gpu_name or dev.type} (gpt.PEAK_FLOPS)")
     val_bpb, timed_steps = None, 0
     while True:
         last_step = step == horizon
@@ -559,15 +551,17 @@ if __name__ == "__main__":
         fresh = step > start_step or not resume   # a resumed run has already done step's evals and save
 
         if fresh and (last_step or (eval_every > 0 and step % eval_every == 0)):
+            gpt.reset_peak_memory(dev)
             model.eval()
             val_bpb = evaluate.evaluate_bpb(model, val_batches, eval_steps, token_bytes)
             model.train()
+            eval_mem = gpt.peak_memory_gib(dev)
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
-            gpt.print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            gpt.print0(f"step {step:05d} | val bpb {val_bpb:.4f}" + gpt.memory_text(eval_mem))
             if master:
-                gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb})
+                gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb, "eval_peak_mem_gib": eval_mem})
         if fresh and master and (last_step or (sample_every > 0 and step % sample_every == 0)):
-            engine = gpt.Engine(raw_model, tok)
+            engine = gpt.Engine(gpt.inference_model(raw_model), tok)
             samples = []
             for prompt in SAMPLE_PROMPTS:
                 seqs, _ = engine.generate_batch([tok.bos_id] + tok.encode(prompt), max_tokens=16, temperature=0.0)
@@ -588,6 +582,7 @@ if __name__ == "__main__":
 
         # ------------------------------------------------------------------ one training step
         sync(dev)
+        gpt.reset_peak_memory(dev)
         t0 = time.time()
         train_loss = torch.zeros((), device=dev)
         for micro_step in range(grad_accum):
@@ -605,6 +600,7 @@ if __name__ == "__main__":
         loss_value = train_loss.item()
         sync(dev)
         dt = time.time() - t0
+        train_mem = gpt.peak_memory_gib(dev)
         step += 1
 
         # ------------------------------------------------------------------ log
@@ -619,10 +615,11 @@ if __name__ == "__main__":
         eta = (loop["training_time"] / timed_steps if timed_steps else dt) * (horizon - step)
         gpt.print0(f"step {step:05d}/{horizon:05d} ({100 * step / horizon:.1f}%) | loss {smooth:.4f} "
                    f"| lrm {lrm:.3f} | dt {dt * 1000:.1f}ms | tok/s {tok_per_sec:,.0f} | mfu "
-                   f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | eta {eta / 60:.1f}m")
+                   f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | eta {eta / 60:.1f}m"
+                   + gpt.memory_text(train_mem))
         if master:
             gpt.log_jsonl(log_path, {"step": step, "loss": loss_value, "smooth_loss": smooth, "lrm": lrm,
-                                 "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu})
+                                 "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "train_peak_mem_gib": train_mem})
 
     # ------------------------------------------------------------------ done
     gpt.print0(f"done at step {step}: min val bpb {loop['min_val_bpb']:.4f}, "

@@ -200,7 +200,8 @@ if __name__ == "__main__":
     start_step = meta["step"] if resume else 0
     gpt.print0(f"starting from the {source} checkpoint at step {meta['step']}; "
                f"parameters: {model.num_params()['total']:,}")
-    engine = gpt.Engine(model, tokenizer)
+    policy = gpt.inference_model(model)   # rollouts' weights in the compute dtype, refreshed after each step
+    engine = gpt.Engine(policy, tokenizer)
     pad_id = tokenizer.special("<|assistant_end|>")   # padding is never a target
     if rank == 0:
         gpt.rewind_log(log_path, start_step if resume else None)   # step start_step is redone
@@ -230,11 +231,15 @@ if __name__ == "__main__":
         last_step = step == num_steps
         stop = gpt.rank_max([len(stop_signal)], ddp, device)[0] > 0   # every rank stops at the same step
         if eval_every > 0 and (step % eval_every == 0 or last_step):
+            gpt.reset_peak_memory(device)
             pass_k = evaluate_pass_at_k(test_task, engine, tokenizer, eval_indices, eval_samples,
                                         sampling, seed, device, ddp)
-            gpt.print0(f"step {step:05d} | " + " ".join(f"pass@{k} {p:.4f}" for k, p in enumerate(pass_k, 1)))
+            eval_mem = gpt.peak_memory_gib(device)
+            gpt.print0(f"step {step:05d} | " + " ".join(f"pass@{k} {p:.4f}" for k, p in enumerate(pass_k, 1))
+                       + gpt.memory_text(eval_mem))
             if rank == 0:
-                gpt.log_jsonl(log_path, {"step": step, **{f"pass@{k}": p for k, p in enumerate(pass_k, 1)}})
+                gpt.log_jsonl(log_path, {"step": step, **{f"pass@{k}": p for k, p in enumerate(pass_k, 1)},
+                                         "eval_peak_mem_gib": eval_mem})
 
         # -------------------------------------------------------------------
         # save
@@ -248,6 +253,7 @@ if __name__ == "__main__":
 
         # -------------------------------------------------------------------
         # rollouts: num_samples answers to each of this rank's questions, graded
+        gpt.reset_peak_memory(device)
         t0 = time.time()
         rollouts, rewards, gen_tokens = [], [], 0   # rollouts: (sequences, masks) per pass
         for idx in step_questions(step, examples_per_step, rank, world_size, len(train_task)):
@@ -276,17 +282,19 @@ if __name__ == "__main__":
             group["lr"] = group["initial_lr"] * lrm
         optimizer.step()   # averages the gradients over ranks
         optimizer.zero_grad(set_to_none=True)
+        gpt.inference_model(model, policy)   # the next rollouts sample from the new weights
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
+        train_mem = gpt.peak_memory_gib(device)
 
         # log: mean reward and sample length over every rank's samples
         reward_sum, count, token_sum = gpt.rank_sum([rewards.sum().item(), rewards.numel(), gen_tokens],
                                                     ddp, device)
         gpt.print0(f"step {step:05d}/{num_steps} | reward {reward_sum / count:.4f} | sample len "
-                   f"{token_sum / count:.1f} | lrm {lrm:.3f} | dt {dt:.2f}s")
+                   f"{token_sum / count:.1f} | lrm {lrm:.3f} | dt {dt:.2f}s" + gpt.memory_text(train_mem))
         if rank == 0:
             gpt.log_jsonl(log_path, {"step": step, "reward": reward_sum / count, "sample_len": token_sum / count,
-                                 "lrm": lrm, "dt": dt})
+                                 "lrm": lrm, "dt": dt, "train_peak_mem_gib": train_mem})
 
     gpt.compute_cleanup(stopped=not last_step)   # stopped by Ctrl-C/SIGTERM: exit status 75

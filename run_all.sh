@@ -4,6 +4,7 @@
 #   bash run_all.sh tiny     the same stages, shrunk, on CPU against the offline mirror
 #   bash run_all.sh test     install everything the tests need, then run pytest
 #   bash run_all.sh help     the presets, every environment knob, the exit statuses
+#   bash run_all.sh gpucheck the GPU acceptance run: <= 10 minutes on one GPU, no network
 set -euo pipefail
 cd "$(dirname "$0")"
 preset="${1:-speedrun}"
@@ -298,6 +299,16 @@ print(p.depth_shards($DEPTH, p.max_seq_len, p.total_batch_size, p.target_param_d
     echo "done. Talk to your model:  source .venv/bin/activate && python serve.py   (then open http://127.0.0.1:8000)"
     ;;
 
+gpucheck)
+    # What the CPU tests cannot settle, on one GPU in under 10 minutes with no network: compiled d20
+    # training at the speedrun's settings (tokens/s, MFU, peak memory of training and of the val eval),
+    # Engine decode tokens/s, a CORE slice and one request through serve.py. Works in
+    # $SLIMCHAT_HOME/gpucheck/ (never the speedrun's files), writes $SLIMCHAT_HOME/gpucheck.json.
+    setup_venv requirements.txt
+    export SLIMCHAT_HOME="${SLIMCHAT_HOME:-$HOME/.cache/slimchat}"
+    python tests/bench/gpucheck.py "${@:2}"
+    ;;
+
 tiny)
     # Every stage, shrunk, on the CPU against the offline mirror (tests/tinyworld.py): no network.
     setup_venv requirements.txt
@@ -351,7 +362,7 @@ tiny)
     ;;
 
 *)
-    echo "unknown preset '$preset': use one of speedrun, tiny, test (bash run_all.sh help says more)" >&2
+    echo "unknown preset '$preset': use one of speedrun, tiny, test, gpucheck (bash run_all.sh help says more)" >&2
     exit 2
     ;;
 esac

@@ -589,8 +589,7 @@ def load_workers(stage_name, step_num, tag_name, device_name, replicas, rows, qu
         d = devices[i % len(devices)]
         model, meta, _ = gpt.load_checkpoint(stage_name, d, step=None if step_num < 0 else step_num,
                                              tag=tag_name or None, tokenizer=tokenizer)
-        model.eval()
-        workers.append(Worker(i, gpt.Engine(model, tokenizer), str(d), rows, queued))
+        workers.append(Worker(i, gpt.Engine(gpt.inference_model(model).eval(), tokenizer), str(d), rows, queued))
     return tokenizer, workers, meta
 
 

@@ -240,7 +240,6 @@ if __name__ == "__main__":
                                       matrix_lr * init_lr_frac, weight_decay=0.0)
     if optim_state is not None:
         optimizer.load_state_dict(optim_state)
-    engine = gpt.Engine(model, tok)
 
     # ------------------------------------------------------------------ loop
     loop = meta["loop_state"] if resume else {"min_val_bpb": float("inf"), "training_time": 0.0}
@@ -260,16 +259,19 @@ if __name__ == "__main__":
         fresh = step > start_step or not resume   # a resumed run has already done step's evals and save
 
         if fresh and (last_step or (eval_every > 0 and step % eval_every == 0)):
+            gpt.reset_peak_memory(dev)
             model.eval()
             val_bpb = evaluate.evaluate_bpb(model, val_batches, eval_steps, token_bytes)
+            eval_mem = gpt.peak_memory_gib(dev)
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
-            gpt.print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            gpt.print0(f"step {step:05d} | val bpb {val_bpb:.4f}" + gpt.memory_text(eval_mem))
             if master:
-                gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb})
+                gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb, "eval_peak_mem_gib": eval_mem})
             model.train()
         if fresh and (last_step or (mc_every > 0 and step % mc_every == 0)):
-            model.eval()
-            accuracy = {name: evaluate.run_chat_eval(task, model, tok, engine, max_problems=mc_problems)
+            infer = gpt.inference_model(model).eval()   # weights in the compute dtype for the eval's forwards
+            engine = gpt.Engine(infer, tok)
+            accuracy = {name: evaluate.run_chat_eval(task, infer, tok, engine, max_problems=mc_problems)
                         for name, task in mc_tasks.items()}
             model.train()
             gpt.print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
@@ -288,6 +290,7 @@ if __name__ == "__main__":
             break
 
         # ------------------------------------------------------------------ one training step
+        gpt.reset_peak_memory(dev)
         t0 = time.time()
         train_loss = torch.zeros((), device=dev)
         for micro_step in range(grad_accum):
@@ -307,6 +310,7 @@ if __name__ == "__main__":
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = time.time() - t0
+        train_mem = gpt.peak_memory_gib(dev)
         step += 1
 
         # ------------------------------------------------------------------ log
@@ -314,10 +318,10 @@ if __name__ == "__main__":
             loop["training_time"] += dt
         gpt.print0(f"step {step:05d}/{num_steps:05d} ({100 * step / num_steps:.1f}%) | loss {loss_value:.4f} "
                    f"| lrm {lrm:.3f} | dt {dt * 1000:.1f}ms | skipped conversations {loader_state['skipped']}"
-                   + (" | update skipped: non-finite loss" if skipped else ""))
+                   + gpt.memory_text(train_mem) + (" | update skipped: non-finite loss" if skipped else ""))
         if master:
             gpt.log_jsonl(log_path, {"step": step, "loss": loss_value, "lrm": lrm, "dt": dt, "skipped": skipped,
-                                 "skipped_conversations": loader_state["skipped"]})
+                                 "skipped_conversations": loader_state["skipped"], "train_peak_mem_gib": train_mem})
 
     # ------------------------------------------------------------------ done
     gpt.print0(f"done at step {step}: min val bpb {loop['min_val_bpb']:.4f}, "

@@ -83,6 +83,29 @@ def test_kv_cache_logits_match_full_forward():
     assert cache.pos == 14
 
 
+def test_inference_model_stores_weights_in_the_compute_dtype_and_computes_the_same():
+    """serve, evaluate, samples and RL rollouts run on a bf16 copy instead of casting every fp32
+    weight at every forward: the logits are bit-identical, and a refresh takes new weights over."""
+    torch.manual_seed(0)
+    model = gpt.new_model(TINY, "cpu", torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    infer = gpt.inference_model(model)
+    assert {p.dtype for p in infer.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert not infer.training and not any(p.requires_grad for p in infer.parameters())
+    idx = torch.randint(0, TINY.vocab_size, (2, 12))
+    assert torch.equal(infer(idx), model(idx))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)   # an optimizer step, say
+    assert not torch.equal(infer(idx), model(idx))
+    assert gpt.inference_model(model, infer) is infer
+    assert torch.equal(infer(idx), model(idx))
+    fp32 = random_model(TINY)
+    assert gpt.inference_model(fp32) is fp32   # nothing to cast: no copy
+
+
 def test_param_counts_and_flops_match_reference():
     """d20 at vocab 65,536: 560,988,160 params and 3.491758e9 FLOPs/token (REFERENCE §3.2)."""
     config = gpt.config_from_depth(20, 65536, 2048)
@@ -545,6 +568,29 @@ def test_compute_init_without_torchrun(monkeypatch):
     assert gpt.compute_dtype("cpu")[0] == torch.float32
     with pytest.raises(ValueError, match="unknown device"):
         gpt.compute_init("tpu")
+
+
+@pytest.mark.parametrize("name, flops", [
+    ("NVIDIA H100 80GB HBM3", 989e12),           # the SXM part's name
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA GH200 480GB", 989e12),              # not an H200
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA L40S", 362e12),
+    ("NVIDIA L4", 121e12),
+    ("NVIDIA GeForce RTX 4090", 165e12),
+    ("NVIDIA B200", 2.25e15),
+    ("NVIDIA GB200", 2.5e15),                    # not a B200
+    ("NVIDIA GeForce RTX 4090 D", None),         # a cut-down 4090: no MFU rather than a wrong one
+    ("NVIDIA GeForce RTX 4090 Laptop GPU", None),
+    ("Tesla T4", None),
+    ("AMD Instinct MI300X", None),
+])
+def test_peak_flops_by_gpu_name(name, flops):
+    """MFU's denominator: dense bf16 peaks matched on the whole device name; unknown names get None."""
+    assert gpt.peak_flops(name) == flops
 
 
 def test_load_tokenizer(tokenizer, tmp_path):
