@@ -6,7 +6,6 @@ report card, and the CLI end to end on a tiny model against the offline mirror.
 import json
 import math
 import os
-import time
 import zipfile
 
 import pyarrow as pa

@@ -1,5 +1,5 @@
 """
-Tests for the Hugging Face format (gpt.py's last section). A tiny slimchat model with random
+Tests for the Hugging Face format (hf.py). A tiny slimchat model with random
 weights and a tokenizer trained on tinyworld text (vocab 512) are exported, then loaded by
 transformers' own NanoChatForCausalLM and tokenizer with no custom code: the logits, greedy tokens,
 token ids and chat renderings must equal slimchat's; importing gives back the same weights and
@@ -21,6 +21,7 @@ import transformers
 
 import bpe
 import gpt
+import hf
 import tinyworld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +64,7 @@ def model(tok):
 def exported(tok, model, tmp_path_factory):
     """The float32 export, and transformers' model and tokenizer loaded from it."""
     out = str(tmp_path_factory.mktemp("hf") / "export")
-    gpt.export_hf(model, tok, out, torch.float32, {"stage": "sft", "step": 7})
+    hf.export_hf(model, tok, out, torch.float32, {"stage": "sft", "step": 7})
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out)
     return out, hf_model, transformers.AutoTokenizer.from_pretrained(out)
 
@@ -134,16 +135,16 @@ def test_chat_template_renders_like_ours(tok, exported):
 
 def test_import_gives_back_identical_weights_and_tokenizer(tok, model, exported, tmp_path):
     out, _, _ = exported
-    back, back_tok = gpt.import_hf(out)
+    back, back_tok = hf.import_hf(out)
     assert back.config == model.config and back_tok.fingerprint() == tok.fingerprint()
     for (name, ours), theirs in zip(model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(ours, theirs), name
     # bfloat16: the weights rounded once, and the file reads the same with the safetensors package
-    gpt.export_hf(model, tok, str(tmp_path / "bf16"), torch.bfloat16, {"stage": "sft", "step": 7})
+    hf.export_hf(model, tok, str(tmp_path / "bf16"), torch.bfloat16, {"stage": "sft", "step": 7})
     path = str(tmp_path / "bf16" / "model.safetensors")
-    ours, reference = gpt.load_safetensors(path), safetensors.torch.load_file(path)
+    ours, reference = hf.load_safetensors(path), safetensors.torch.load_file(path)
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
-    back, _ = gpt.import_hf(str(tmp_path / "bf16"))
+    back, _ = hf.import_hf(str(tmp_path / "bf16"))
     for (name, ours), theirs in zip(model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(ours.bfloat16().float(), theirs), name
 
@@ -159,7 +160,7 @@ def test_model_made_by_transformers_imports(tok, exported, tmp_path):
     hf_model = transformers.NanoChatForCausalLM(config)
     hf_model.save_pretrained(tmp_path)
     hf_tok.save_pretrained(tmp_path)
-    model, _ = gpt.import_hf(str(tmp_path))
+    model, _ = hf.import_hf(str(tmp_path))
     assert model.config.norm_eps == 1e-6 and model.config.n_kv_head == 1
     idx = torch.randint(0, tok.vocab_size, (2, 33))
     with torch.no_grad():
@@ -179,7 +180,7 @@ def test_tiktoken_style_tokenizer_imports_to_our_merges(tok, exported, tmp_path)
     assert len(splits) > len(tok.merges)
     edit_json(folder, "tokenizer.json", lambda t: t["model"].update(
         ignore_merges=True, merges=[[names[a], names[b]] for _, a, b in splits]))
-    assert gpt.tokenizer_from_hf(str(folder / "tokenizer.json")).merges == tok.merges
+    assert hf.tokenizer_from_hf(str(folder / "tokenizer.json")).merges == tok.merges
     hf_tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     hf_tok.encode_special_tokens = True
     for text in TEXTS + docs(3):
@@ -206,7 +207,7 @@ def test_foreign_folders_are_refused(exported, tmp_path, name, change, message):
     folder = shutil.copytree(exported[0], tmp_path / "copy")
     edit_json(folder, name, change)
     with pytest.raises(ValueError, match=message):
-        gpt.import_hf(str(folder))
+        hf.import_hf(str(folder))
 
 
 def test_cli_export_then_import_then_serve(tok, model, tmp_path):
@@ -228,7 +229,7 @@ def test_cli_export_then_import_then_serve(tok, model, tmp_path):
     proc = run("gpt.py", "export", f"--out={tmp_path / 'out'}", "--dtype=float32", home_dir=home)
     assert proc.returncode == 0, proc.stderr
     assert "| GSM8K | 0.3500 |" in (tmp_path / "out" / "README.md").read_text()
-    proc = run("gpt.py", "import", f"--from={tmp_path / 'out'}", home_dir=fresh)
+    proc = run("hf.py", "import", f"--from={tmp_path / 'out'}", home_dir=fresh)
     assert proc.returncode == 0, proc.stderr
     proc = run("gpt.py", "import", f"--from={tmp_path / 'out'}", home_dir=fresh)
     assert proc.returncode != 0 and "already holds checkpoints; pass --tag=NAME" in proc.stderr
