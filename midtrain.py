@@ -186,8 +186,12 @@ if __name__ == "__main__":
                f"{raw_model.num_params()['total']:,} params")
 
     # ------------------------------------------------------------------ horizon and batch
+    meta.setdefault("max_seq_len", raw_model.config.sequence_len)
     for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
         if config[name] is None:
+            if name not in meta:   # an imported model (hf.py import) was not trained here
+                raise SystemExit(f"the {source} checkpoint has no {name} to inherit (an imported model?): "
+                                 f"pass --{name}=N")
             config[name] = meta[name]
             gpt.print0(f"inherited {name}={meta[name]} from the {source} checkpoint")
     max_seq_len, device_batch_size, total_batch_size = (

@@ -110,7 +110,8 @@ torch_build() {
 
 # ---------------------------------------------------------------------------
 # pipeline plumbing
-# Each finished step leaves a stamp in $SLIMCHAT_HOME/run_all/, so re-running the script after a
+# Each finished step leaves a stamp in $SLIMCHAT_HOME/run_all/ (a stage's stamp names its model tag,
+# d$DEPTH, so a run at another DEPTH in the same home trains anew), so re-running the script after a
 # crash skips what is done; a training stage that crashed mid-way resumes from its last checkpoint.
 # Ctrl-C or SIGTERM stops the pipeline: the training stage saves a checkpoint and exits with status
 # 75 ("stopped early, checkpoint saved": gpt.STOPPED_EXIT_CODE), the step stays unstamped, this
@@ -199,7 +200,10 @@ presets:
                installs the torch build for the machine's NVIDIA driver into .venv
   tiny         every stage, shrunk, on the CPU against the offline mirror: minutes, no network
   test [ARGS]  install the test tools into .venv, then run pytest ARGS; as root it also installs
-               Debian's chromium and chromium-driver with apt-get, for the browser test
+               Debian's chromium, chromium-driver and bubblewrap with apt-get (browser and sandbox tests)
+  gpucheck [ARGS]  the GPU acceptance run (at most 10 minutes on one GPU, no network): compiled d20
+               training (tokens/s, MFU, peak memory), decode, a CORE slice, one serve.py request;
+               writes $SLIMCHAT_HOME/gpucheck.json (ARGS: tests/bench/gpucheck.py --help)
   help         this text
 environment knobs (speedrun):
   DEPTH=20                  the one dial: width 64*DEPTH, horizon 20 tokens per parameter
@@ -218,7 +222,8 @@ environment knobs (everywhere):
   SLIMCHAT_FILES_ENDPOINT   base URL of the non-hub files (eval bundle, identity conversations, words)
 exit status: 0 done; 75 stopped early by Ctrl-C or SIGTERM (the stage saved a checkpoint, nothing
 was stamped: run the same command again to resume); anything else: the step named above failed.
-Finished steps leave stamps in $SLIMCHAT_HOME/run_all/ and are skipped when run again.
+Finished steps leave stamps in $SLIMCHAT_HOME/run_all/ and are skipped when run again (a stage's
+stamp names its model tag, d$DEPTH: another DEPTH in the same home trains anew).
 USAGE
 }
 
@@ -278,22 +283,22 @@ print(p.depth_shards($DEPTH, p.max_seq_len, p.total_batch_size, p.target_param_d
     download_pid=""
 
     # pretrain: d20 at 20 tokens/param, 524,288 tokens per step -> 21,400 steps, ~3e19 FLOPs
-    step pretrain launch pretrain.py --device=cuda --depth="$DEPTH" ${DEVICE_BATCH_SIZE:+--device_batch_size="$DEVICE_BATCH_SIZE"} \
+    step pretrain-$tag launch pretrain.py --device=cuda --depth="$DEPTH" ${DEVICE_BATCH_SIZE:+--device_batch_size="$DEVICE_BATCH_SIZE"} \
         --save_every=1000 $(resume_flag base "$tag")
-    step eval_base launch evaluate.py --device=cuda --stage=base
+    step eval_base-$tag launch evaluate.py --device=cuda --stage=base
     # the multiple-choice chat tasks on the base model too: the "before" column of the report card
-    step eval_base_chat launch evaluate.py --device=cuda --stage=base --tasks=ARC-Easy,ARC-Challenge,MMLU
+    step eval_base_chat-$tag launch evaluate.py --device=cuda --stage=base --tasks=ARC-Easy,ARC-Challenge,MMLU
 
     # mid-training: one pass over the §6 mixture (~850K conversations), then the chat evals
-    step midtrain launch midtrain.py --device=cuda --model_tag="$tag" ${DEVICE_BATCH_SIZE:+--device_batch_size="$DEVICE_BATCH_SIZE"} \
+    step midtrain-$tag launch midtrain.py --device=cuda --model_tag="$tag" ${DEVICE_BATCH_SIZE:+--device_batch_size="$DEVICE_BATCH_SIZE"} \
         --save_every=200 $(resume_flag mid "$tag")
-    step eval_mid launch evaluate.py --device=cuda --stage=mid
+    step eval_mid-$tag launch evaluate.py --device=cuda --stage=mid
     # SFT: one epoch of the §7 mixture (~23K conversations)
-    step sft launch sft.py --device=cuda --model_tag="$tag" $(resume_flag sft "$tag")
-    step eval_sft launch evaluate.py --device=cuda --stage=sft
+    step sft-$tag launch sft.py --device=cuda --model_tag="$tag" $(resume_flag sft "$tag")
+    step eval_sft-$tag launch evaluate.py --device=cuda --stage=sft
     # RL on GSM8K: 467 steps of 16 questions x 16 samples
-    step rl launch rl.py --device=cuda --model_tag="$tag" $(resume_flag rl "$tag")
-    step eval_rl launch evaluate.py --device=cuda --stage=rl --tasks=GSM8K
+    step rl-$tag launch rl.py --device=cuda --model_tag="$tag" $(resume_flag rl "$tag")
+    step eval_rl-$tag launch evaluate.py --device=cuda --stage=rl --tasks=GSM8K
 
     python evaluate.py --report=1
     echo "done. Talk to your model:  source .venv/bin/activate && python serve.py   (then open http://127.0.0.1:8000)"
@@ -304,7 +309,11 @@ gpucheck)
     # training at the speedrun's settings (tokens/s, MFU, peak memory of training and of the val eval),
     # Engine decode tokens/s, a CORE slice and one request through serve.py. Works in
     # $SLIMCHAT_HOME/gpucheck/ (never the speedrun's files), writes $SLIMCHAT_HOME/gpucheck.json.
-    setup_venv requirements.txt
+    # The torch build for this driver, as the speedrun installs it (`--smoke=1` on a CPU machine:
+    # python tests/bench/gpucheck.py --smoke=1, no run_all.sh).
+    driver="$(gpu_driver)"
+    TORCH_BUILD="${TORCH_BUILD:-$(torch_build "$driver")}"
+    setup_venv requirements.txt "$TORCH_BUILD"
     export SLIMCHAT_HOME="${SLIMCHAT_HOME:-$HOME/.cache/slimchat}"
     python tests/bench/gpucheck.py "${@:2}"
     ;;
@@ -329,31 +338,31 @@ tiny)
     # a 2-layer model of width 128 (0.5M parameters): 1,500 steps of 1,024 tokens = 1.5M tokens,
     # about 1.5 passes over the mirror's shards. DEPTH=4 with --vocab_size=2048 solves nearly every
     # word problem after SFT (measured 0.99), which leaves RL nothing to show.
-    step pretrain python pretrain.py --device=cpu --depth="$DEPTH" --n_embd=128 --n_head=2 --max_seq_len=128 \
+    step pretrain-$tag python pretrain.py --device=cpu --depth="$DEPTH" --n_embd=128 --n_head=2 --max_seq_len=128 \
         --device_batch_size=8 --total_batch_size=1024 --num_steps=1500 --eval_every=250 \
         --eval_tokens=8192 --sample_every=500 --save_every=500 $(resume_flag base "$tag")
-    step eval_base python evaluate.py --stage=base --device=cpu --max_per_task=32 --bpb_tokens=8192
+    step eval_base-$tag python evaluate.py --stage=base --device=cpu --max_per_task=32 --bpb_tokens=8192
     # the chat tasks on the base model too: the "before" column that shows what mid and SFT add
-    step eval_base_chat python evaluate.py --stage=base --device=cpu --tasks="$CHAT_TASKS" --max_new_tokens=96
+    step eval_base_chat-$tag python evaluate.py --stage=base --device=cpu --tasks="$CHAT_TASKS" --max_new_tokens=96
     # mid: 600 steps of 1,024 tokens over the mixture, spelling tasks cut to the mirror's scale
-    step midtrain python midtrain.py --device=cpu --num_steps=600 --simple_spelling_rows=300 \
+    step midtrain-$tag python midtrain.py --device=cpu --num_steps=600 --simple_spelling_rows=300 \
         --spelling_bee_rows=300 --buffer_size=64 --eval_every=200 --eval_tokens=4096 --save_every=200 $(resume_flag mid "$tag")
-    step eval_mid python evaluate.py --stage=mid --device=cpu --max_new_tokens=96
+    step eval_mid-$tag python evaluate.py --stage=mid --device=cpu --max_new_tokens=96
     # sft: 800 steps of 32 conversations, with 4 passes over MMLU auxiliary_train as the reference's
     # later SFT has, at 12x the reference's LR fraction. --loss_per=conversation: with the reference's
     # per-token mean, a one-letter answer weighs nothing next to a worked solution, and multiple
     # choice stays at chance at this size (tests/bench/RESULTS.md).
-    step sft python sft.py --device=cpu --num_steps=800 --device_batch_size=32 --examples_per_step=32 \
+    step sft-$tag python sft.py --device=cpu --num_steps=800 --device_batch_size=32 --examples_per_step=32 \
         --smoltalk_rows=200 --spelling_rows=100 --mmlu_epochs=4 --init_lr_frac=0.25 --warmdown_frac=0.2 \
         --loss_per=conversation --eval_every=200 --eval_steps=4 --mc_every=400 --mc_problems=100 \
         --save_every=200 $(resume_flag sft "$tag")
-    step eval_sft python evaluate.py --stage=sft --device=cpu --max_new_tokens=96
+    step eval_sft-$tag python evaluate.py --stage=sft --device=cpu --max_new_tokens=96
     # rl: 30 steps of 8 questions x 16 samples (a tiny model is right on few samples, and a group
     # with no right answer teaches nothing); init_lr_frac 0.3 because 0.05 barely moves it
-    step rl python rl.py --device=cpu --num_steps=30 --examples_per_step=8 --num_samples=16 \
+    step rl-$tag python rl.py --device=cpu --num_steps=30 --examples_per_step=8 --num_samples=16 \
         --device_batch_size=16 --max_new_tokens=64 --init_lr_frac=0.3 --eval_every=15 --eval_examples=100 \
         --eval_samples=8 --save_every=15 $(resume_flag rl "$tag")
-    step eval_rl python evaluate.py --stage=rl --device=cpu --tasks=GSM8K --max_new_tokens=96
+    step eval_rl-$tag python evaluate.py --stage=rl --device=cpu --tasks=GSM8K --max_new_tokens=96
 
     python evaluate.py --report=1
     python tests/check_report.py "$SLIMCHAT_HOME/report/report.json"

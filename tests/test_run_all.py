@@ -232,8 +232,8 @@ def test_ctrl_c_and_sigterm_stop_the_pipeline_and_the_next_run_resumes(repo, bas
     output = open(out_path).read()
     first = saved_steps(home)
     assert len(first) == 1 and first[0] > 0, output
-    assert not os.path.exists(os.path.join(home, "run_all", "pretrain.done"))
-    assert "pretrain: stopped" in output and "eval_base" not in output, output[-4000:]
+    assert not os.path.exists(os.path.join(home, "run_all", "pretrain-d2.done"))
+    assert "pretrain-d2: stopped" in output and "eval_base" not in output, output[-4000:]
 
     out_path = tmp_path / "second.log"
     proc = start_tiny(repo, home, out_path)
@@ -243,4 +243,4 @@ def test_ctrl_c_and_sigterm_stop_the_pipeline_and_the_next_run_resumes(repo, bas
     output = open(out_path).read()
     assert "--resume=1" in output, output[-4000:]
     assert saved_steps(home)[-1] > first[0], output[-4000:]
-    assert not os.path.exists(os.path.join(home, "run_all", "pretrain.done"))
+    assert not os.path.exists(os.path.join(home, "run_all", "pretrain-d2.done"))
