@@ -1521,8 +1521,7 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------
     # setup
-    ddp, rank, local_rank, world_size, dev = gpt.compute_init(device)
-    dtype, why = gpt.compute_dtype(dev)
+    ddp, rank, local_rank, world_size, dev, dtype, why = gpt.compute_setup(device)
     tokenizer = gpt.load_tokenizer()
     model, meta, _ = gpt.load_checkpoint(stage, dev, tokenizer=tokenizer, dtype=dtype)
     model = gpt.inference_model(model).eval()   # in bf16 on GPUs: weights stored in it, not cast per forward

@@ -1079,6 +1079,15 @@ def compute_dtype(device):
     return torch.float32, f"fp32: no bf16-capable CUDA GPU ({device.type})"
 
 
+def compute_setup(device="", preflight=False):
+    """compute_init then compute_dtype: (ddp, rank, local_rank, world_size, device, dtype, why).
+    With preflight, the planned GPUs' run on the meta device: no process group, nothing allocated."""
+    if preflight:
+        return False, 0, 0, planned_world_size(), torch.device("meta"), torch.bfloat16, "bf16: planned for GPUs that have it"
+    ddp, rank, local_rank, world_size, dev = compute_init(device)
+    return (ddp, rank, local_rank, world_size, dev, *compute_dtype(dev))
+
+
 def synthetic_data(home_dir=None):
     """True when the pretraining shards under the home are the synthetic mirror of tests/tinyworld.py
     (it marks its parquet files), so reports and the chat page can say what the model knows."""

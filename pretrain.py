@@ -408,12 +408,7 @@ if __name__ == "__main__":
         sys.exit(0)
 
     # ------------------------------------------------------------------ setup
-    if preflight:   # the planned GPUs' run on the meta device: no process group, nothing allocated
-        ddp, rank, local_rank, world_size, dev = False, 0, 0, gpt.planned_world_size(), torch.device("meta")
-        dtype, dtype_reason = torch.bfloat16, "bf16: planned for GPUs that have it"
-    else:
-        ddp, rank, local_rank, world_size, dev = gpt.compute_init(device)
-        dtype, dtype_reason = gpt.compute_dtype(dev)
+    ddp, rank, local_rank, world_size, dev, dtype, dtype_reason = gpt.compute_setup(device, preflight)
     master = rank == 0
     torch.manual_seed(seed)
     git = gpt.git_info()

@@ -155,8 +155,7 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------
     # setup
-    ddp, rank, local_rank, world_size, device = gpt.compute_init(device)
-    dtype, dtype_reason = gpt.compute_dtype(device)
+    ddp, rank, local_rank, world_size, device, dtype, dtype_reason = gpt.compute_setup(device)
     gpt.print0(f"device {device}, dtype {dtype} ({dtype_reason}), world size {world_size}, git {gpt.git_info()}")
     tag = model_tag or None
     if examples_per_step % world_size:

@@ -168,12 +168,7 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ setup
     own = evaluate.load_own_data(data) if data else None   # a bad line stops the run here, before any work
-    if preflight:   # the planned GPUs' run on the meta device: no process group, nothing allocated
-        ddp, rank, local_rank, world_size, dev = False, 0, 0, gpt.planned_world_size(), torch.device("meta")
-        dtype, dtype_reason = torch.bfloat16, "bf16: planned for GPUs that have it"
-    else:
-        ddp, rank, local_rank, world_size, dev = gpt.compute_init(device)
-        dtype, dtype_reason = gpt.compute_dtype(dev)
+    ddp, rank, local_rank, world_size, dev, dtype, dtype_reason = gpt.compute_setup(device, preflight)
     master = rank == 0
     gpt.print0(f"device {dev} x {world_size} rank(s), dtype {dtype} ({dtype_reason}), git {gpt.git_info()}")
     tok = None if preflight else gpt.load_tokenizer()
