@@ -98,16 +98,17 @@ HONEST = {   # module: a line that uses it the way solutions and HumanEval's tes
     "typing": "def f(x: typing.List[int]) -> typing.Optional[int]:\n    return None\nassert f([1]) is None",
     "copy": "a = [[1]]; b = copy.deepcopy(a); b[0].append(2); assert a == [[1]]",
     "tempfile": ("with tempfile.TemporaryDirectory() as d:\n    open(d + '/x', 'w').write('y')\n"
-                 "with tempfile.NamedTemporaryFile('w+') as f:\n    f.write('z'); f.seek(0); assert f.read() == 'z'"),
+                 "with tempfile.NamedTemporaryFile('w+') as t:\n    t.write('z'); t.seek(0); assert t.read() == 'z'"),
     "json": "assert json.loads(json.dumps({'a': [1, 2.5, None]})) == {'a': [1, 2.5, None]}",
 }
 
 
+@pytest.mark.parametrize("mode", ["humaneval", "whole"])
 @pytest.mark.parametrize("isolated", [True, False], ids=["bwrap", "fallback"])
-def test_honest_programs_pass(isolated):
+def test_honest_programs_pass(isolated, mode):
     """The modules solutions and tests commonly use import and behave (random used to fail: the
     guards refused os.register_at_fork, which it calls); the scratch dir is writable and the
-    environment holds nothing of the evaluator's."""
+    environment holds nothing of the evaluator's. As HumanEval runs it, the program is a solution."""
     if isolated and ev.bwrap_command() is None:
         pytest.skip("bubblewrap (bwrap) cannot run here")
     programs = {m: f"import {m}\n{line}\n" for m, line in HONEST.items()}
@@ -116,7 +117,8 @@ def test_honest_programs_pass(isolated):
         "os.makedirs('d/e')\nopen('d/e/f', 'w').write('x')\nshutil.rmtree('d')\n"
         "assert set(os.environ) <= {'PATH', 'HOME', 'TMPDIR', 'LC_CTYPE', 'PWD'}, os.environ")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        results = dict(zip(programs, pool.map(lambda c: ev.run_sandboxed(c, isolated=isolated), programs.values())))
+        results = dict(zip(programs, pool.map(lambda job: run_program(*job, isolated, mode, timeout=ev.SANDBOX_TIMEOUT),
+                                              programs.items())))
     assert {m: r.reason for m, r in results.items() if not r.passed} == {}
 
 
@@ -373,7 +375,7 @@ def f(x):   # called from the tests: rewrite whatever is up the stack, then answ
             pass
     return x
 """, "held"),
-    ("forge-harness-memory", """import os
+    ("ptrace-harness-memory", """import os
 ppid = os.getppid()   # the HumanEval harness: its memory (and fds) would let a program write the report
 open(f"/proc/{ppid}/mem", "rb").close()
 os.listdir(f"/proc/{ppid}/fd")
@@ -443,13 +445,13 @@ RAN_TO_ITS_END = "def check(candidate):\n    pass\n"   # a pass: the program ran
 TESTS_FAIL = "def check(candidate):\n    candidate(1)\n    assert False, 'the tests ran and failed'\n"
 
 
-def run_program(name, code, isolated, mode):
+def run_program(name, code, isolated, mode, timeout=2.0):
     """As HumanEval runs it (the program is the solution, the harness runs the tests) or whole."""
     if mode == "whole":
-        return ev.run_sandboxed(code, timeout=2.0, isolated=isolated)
+        return ev.run_sandboxed(code, timeout=timeout, isolated=isolated)
     judge = {"prompt": HOSTILE_PROMPT, "test": TESTS_FAIL if name.startswith("forge-") else RAN_TO_ITS_END,
              "entry_point": "f"}
-    return ev.run_sandboxed(HOSTILE_PROMPT + code, timeout=2.0, isolated=isolated, judge=judge)
+    return ev.run_sandboxed(HOSTILE_PROMPT + code, timeout=timeout, isolated=isolated, judge=judge)
 
 
 def run_hostile(tmp_path, isolated, rows, mode="humaneval"):
