@@ -436,7 +436,9 @@ class TaskMixture:
 # processes and output. Without bwrap the same child runs unisolated, after one warning. Inside,
 # a thin in-process layer makes honest mistakes and plain escapes fail fast with a clear reason;
 # it is no boundary (it can be undone), the namespaces are. A program passes only when the harness
-# reports, with a per-run secret the program is never handed, that the whole program returned.
+# reports, with a per-run secret, that it returned. A whole program shares its interpreter with the
+# harness, so it could find the secret; HumanEval's solution runs in a process of its own instead,
+# and its tests in the harness (split() below): the solution can only answer the tests' calls.
 
 SANDBOX_TIMEOUT = 5.0      # seconds of wall time per program (E, H: 5 s)
 SANDBOX_MEMORY_MB = 256    # address-space limit (E, H: 256 MB)
@@ -550,18 +552,22 @@ def reporter(report_fd, secret):
         exit_now(0 if kind == "passed" else 1)
     return report
 
+def ends_run(e):
+    """(kind, detail) for an exception no test may catch: a refusal, memory, an exit; else None."""
+    if isinstance(e, SandboxViolation):
+        return "blocked", str(e)
+    if isinstance(e, MemoryError):
+        return "memory", "MemoryError"
+    if isinstance(e, SystemExit):
+        return "exited", f"SystemExit({e.code!r}) before the tests returned"
+    return None
+
 def run(source, namespace, report):
-    """exec source; report why it failed (SandboxViolation and exits included) and end, else return."""
+    """exec source; on any exception report why and end, else return."""
     try:
         exec(compile(source, "program.py", "exec"), namespace)
-    except SandboxViolation as e:
-        report("blocked", e)
-    except MemoryError:
-        report("memory", "MemoryError")
-    except SystemExit as e:
-        report("exited", f"SystemExit({e.code!r}) before the tests returned")
     except BaseException as e:
-        report("error", f"{type(e).__name__}: {e}")
+        report(*(ends_run(e) or ("error", f"{type(e).__name__}: {e}")))
 
 def whole(report_fd, *limits):
     """A whole program in this interpreter; it passes when it returns. The program could search
@@ -654,8 +660,14 @@ def untrusted(calls, replies):
     os.closerange(3, low), os.closerange(low + 1, high), os.closerange(high + 1, 65536)
     no_new_processes()
     inbox, outbox = open(calls, "rb"), open(replies, "wb")
+    def answer(message):
+        try:   # the solution's prints, for the record
+            sys.stdout.flush()
+        except BaseException:
+            pass
+        send(outbox, message)
     def fail(kind, detail=""):
-        send(outbox, ["fail", kind, str(detail)[:300]])
+        answer(["fail", kind, str(detail)[:300]])
         os._exit(1)
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     job = json.loads(inbox.readline())
@@ -663,29 +675,20 @@ def untrusted(calls, replies):
     run(job["code"], namespace, fail)
     if not callable(namespace.get(job["entry_point"])):
         fail("error", f"NameError: the solution defines no function {job['entry_point']}")
-    send(outbox, ["ready"])
+    answer(["ready"])
     for line in inbox:
         args, kwargs = json.loads(line)
         try:
             result = namespace[job["entry_point"]](*decode(args), **decode(kwargs))
-        except SandboxViolation as e:
-            fail("blocked", e)
-        except MemoryError:
-            fail("memory", "MemoryError")
-        except SystemExit as e:
-            fail("exited", f"SystemExit({e.code!r}) before the tests returned")
         except BaseException as e:
-            reply = ["raise", type(e).__name__, str(e)[:1000]]
-        else:
-            try:
-                reply = json.dumps(["return", encode(result)]).encode("utf-8") + b"\n"
-            except (Unsendable, ValueError, RecursionError) as e:   # ValueError: an int too long for str()
-                fail("error", f"the result: {e}")
+            if ends_run(e):
+                fail(*ends_run(e))
+            answer(["raise", type(e).__name__, str(e)[:1000]])   # the tests may expect it: raised there
+            continue
         try:
-            sys.stdout.flush()
-        except BaseException:
-            pass
-        send(outbox, reply)
+            answer(json.dumps(["return", encode(result)]).encode("utf-8") + b"\n")
+        except (Unsendable, ValueError, RecursionError) as e:   # ValueError: an int too long for str()
+            fail("error", f"the result: {e}")
     os._exit(0)
 
 def trusted(job, pid, to_u, from_u, report):
