@@ -727,12 +727,11 @@ def trusted(job, pid, to_u, from_u, report):
     send(to_u, {"code": job["code"], "entry_point": job["entry_point"]})
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     try:
-        kind, _ = receive()
-        if kind != "ready":
-            raise Verdict("error", "the solution's process sent a malformed reply")
-        exec(compile(job["prompt"], "prompt.py", "exec"), namespace)
+        exec(compile(job["prompt"], "prompt.py", "exec"), namespace)   # while U runs the solution
         namespace[job["entry_point"]] = proxy
         exec(compile(job["test"], "test.py", "exec"), namespace)
+        if receive()[0] != "ready":
+            raise Verdict("error", "the solution's process sent a malformed reply")
         exec(f"check({job['entry_point']})", namespace)
         if failures:
             raise failures[0]
