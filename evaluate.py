@@ -649,6 +649,9 @@ def split(report_fd, *limits):
             exit_now(1)
     os.close(calls), os.close(replies)
     no_new_processes()
+    # U may signal T (the same user): SIGINT alone would raise inside the tests, which might catch it;
+    # any other signal stops or ends T, so no report
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     secret, _, job = sys.stdin.buffer.read().decode("utf-8").partition("\n")
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     trusted(json.loads(job), pid, open(u_calls, "wb"), open(u_replies, "rb"), reporter(report_fd, secret))
@@ -728,10 +731,10 @@ def trusted(job, pid, to_u, from_u, report):
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     try:
         exec(compile(job["prompt"], "prompt.py", "exec"), namespace)   # while U runs the solution
-        namespace[job["entry_point"]] = proxy
-        exec(compile(job["test"], "test.py", "exec"), namespace)
         if receive()[0] != "ready":
             raise Verdict("error", "the solution's process sent a malformed reply")
+        namespace[job["entry_point"]] = proxy
+        exec(compile(job["test"], "test.py", "exec"), namespace)
         exec(f"check({job['entry_point']})", namespace)
         if failures:
             raise failures[0]

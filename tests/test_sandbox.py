@@ -152,6 +152,8 @@ HUMANEVAL_CASES = [
     ("SystemExit at import", "raise SystemExit(0)\n", "pass", "exited: SystemExit(0) before the tests returned"),
     ("os._exit at import", "import os\nos._exit(0)\n", "pass", "exited: status 0 before the tests returned"),
     ("os._exit in a call", "import os\ndef f(xs):\n    os._exit(0)\n", "candidate([])", "exited: status 0"),
+    ("a caught os._exit in a call", "import os\ndef f(xs):\n    os._exit(0)\n",
+     "try:\n        candidate([])\n    except BaseException:\n        pass", "exited: status 0"),
     ("blocked in a call", "import os\ndef f(xs):\n    os.system('true')\n", "candidate([])", "blocked: os.system"),
     ("memory in a call", "def f(xs):\n    return bytearray(2**30)\n", "candidate([])", "memory"),
     ("syntax error", "def f(:\n", "candidate([])", "error: SyntaxError"),
