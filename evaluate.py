@@ -706,8 +706,9 @@ def trusted(job, pid, to_u, from_u, report):
         try:
             message = json.loads(line)
             if message[0] == "fail":   # U says why it failed; it can never say "passed"
-                kind = message[1] if message[1] in ("blocked", "memory", "exited") else "error"
-                raise Verdict(kind, str(message[2]))
+                if message[1] not in ("blocked", "memory", "exited", "error"):
+                    raise ValueError(message[1])
+                raise Verdict(message[1], str(message[2]))
             return message[0], [decode(item) for item in message[1:]]
         except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
             raise Verdict("error", f"the solution's process sent a malformed reply ({type(e).__name__})")
