@@ -29,6 +29,7 @@ import platform
 import random
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -233,15 +234,11 @@ class HumanEval(Task):
                              {"role": "assistant", "content": row["prompt"] + row["canonical_solution"]}],
                 "entry_point": row["entry_point"], "test": row["test"], "prompt": row["prompt"]}
 
-    @staticmethod
-    def program(conversation, completion):
-        """The prompt's imports, the reply's code, the tests, and the call of check()."""
-        imports = [line for line in conversation["prompt"].splitlines() if line.startswith(("import ", "from "))]
-        return "\n".join(imports + ["", extract_code(completion), "", conversation["test"], "",
-                                    f"check({conversation['entry_point']})", ""])
-
     def check(self, conversation, completion):
-        return run_sandboxed(self.program(conversation, completion))
+        """The solution is the prompt (its imports and helpers) and the reply's code; the sandbox runs the
+        dataset's tests and check() apart from it."""
+        solution = conversation["prompt"] + "\n" + extract_code(completion)
+        return run_sandboxed(solution, judge={k: conversation[k] for k in ("prompt", "test", "entry_point")})
 
     def evaluate(self, conversation, completion):
         return self.check(conversation, completion).passed
@@ -440,7 +437,9 @@ class TaskMixture:
 # processes and output. Without bwrap the same child runs unisolated, after one warning. Inside,
 # a thin in-process layer makes honest mistakes and plain escapes fail fast with a clear reason;
 # it is no boundary (it can be undone), the namespaces are. A program passes only when the harness
-# reports, with a per-run secret the program is never handed, that the whole program returned.
+# reports, with a per-run secret, that it returned. A whole program shares its interpreter with the
+# harness, so it could find the secret; HumanEval's solution runs in a process of its own instead,
+# and its tests in the harness (split() below): the solution can only answer the tests' calls.
 
 SANDBOX_TIMEOUT = 5.0      # seconds of wall time per program (E, H: 5 s)
 SANDBOX_MEMORY_MB = 256    # address-space limit (E, H: 256 MB)
@@ -450,7 +449,7 @@ SANDBOX_USER = 65534       # "nobody": whom the program runs as when the evaluat
 SANDBOX_PYTHON = os.path.realpath(getattr(sys, "_base_executable", sys.executable))   # not the venv's
 
 SANDBOX_PRELUDE = r'''
-import builtins, io, os, posix, resource, shutil, subprocess, _posixsubprocess, sys
+import builtins, io, json, os, posix, resource, shutil, signal, subprocess, _posixsubprocess, sys
 
 class SandboxViolation(BaseException):   # BaseException: a bare `except Exception` cannot swallow it
     pass
@@ -525,10 +524,7 @@ def guard(tmp):
             del sys.modules[name]
     sys.meta_path.insert(0, ImportBlocker())
 
-def harness(report_fd, user, memory, cpu, fsize):
-    # stdin brings the run's secret, then the program; the program itself gets an empty stdin
-    secret, _, source = sys.stdin.buffer.read().decode("utf-8").partition("\n")
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+def limit(user, memory, cpu, fsize):
     if user >= 0:   # not root: RLIMIT_NPROC binds, and no host file or process is the program's own
         os.setgroups([])
         os.setgid(user)
@@ -538,11 +534,13 @@ def harness(report_fd, user, memory, cpu, fsize):
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))   # SIGXCPU at cpu seconds, SIGKILL a second later
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))   # no new processes or threads
-    os.set_inheritable(report_fd, False)
-    # bound now: the program may replace them (and any global of this module)
-    write, exit_now, flush, violation = os.write, os._exit, sys.stdout.flush, SandboxViolation
 
+def no_new_processes():
+    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))   # no new processes or threads
+
+def reporter(report_fd, secret):
+    # bound now: a whole program may replace them (and any global of this module)
+    write, exit_now, flush = os.write, os._exit, sys.stdout.flush
     def report(kind, detail=""):
         try:
             flush()
@@ -553,21 +551,222 @@ def harness(report_fd, user, memory, cpu, fsize):
         except OSError:   # the program closed or replaced the report fd: no report, so no pass
             pass
         exit_now(0 if kind == "passed" else 1)
+    return report
 
-    guard(os.getcwd())
+def ends_run(e):
+    """(kind, detail) for an exception no test may catch: a refusal, memory, an exit; else None."""
+    if isinstance(e, SandboxViolation):
+        return "blocked", str(e)
+    if isinstance(e, MemoryError):
+        return "memory", "MemoryError"
+    if isinstance(e, SystemExit):
+        return "exited", f"SystemExit({e.code!r}) before the tests returned"
+    return None
+
+def run(source, namespace, report):
+    """exec source; on any exception report why and end, else return."""
     try:
-        exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
-    except violation as e:
-        report("blocked", e)
-    except MemoryError:
-        report("memory", "MemoryError")
-    except SystemExit as e:
-        report("exited", f"SystemExit({e.code!r}) before the tests returned")
+        exec(compile(source, "program.py", "exec"), namespace)
     except BaseException as e:
-        report("error", f"{type(e).__name__}: {e}")
+        report(*(ends_run(e) or ("error", f"{type(e).__name__}: {e}")))
+
+def whole(report_fd, *limits):
+    """A whole program in this interpreter; it passes when it returns. The program could search
+    this interpreter for the secret and forge the report: HumanEval uses split() instead."""
+    # stdin brings the run's secret, then the program; the program itself gets an empty stdin
+    secret, _, source = sys.stdin.buffer.read().decode("utf-8").partition("\n")
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    limit(*limits)
+    no_new_processes()
+    os.set_inheritable(report_fd, False)
+    report = reporter(report_fd, secret)
+    guard(os.getcwd())
+    run(source, {"__name__": "__main__", "__builtins__": builtins}, report)
     report("passed")
 
-harness(*map(int, sys.argv[1:6]))
+# HumanEval: the trusted harness T runs only the dataset's code (prompt, tests, check); the
+# candidate's solution runs in a forked child U, which gets neither the secret (read after the fork)
+# nor the report pipe (closed), and cannot reach into T (T is not dumpable: no ptrace, no
+# /proc/T/mem or /proc/T/fd for the same user). Calls and values cross a pipe as tagged JSON that
+# T decodes without running anything; a pass is T seeing check() return.
+
+def encode(value):
+    """value as JSON: scalars as themselves, everything else as [tag, items]; objects are refused."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, complex):
+        return ["complex", [value.real, value.imag]]
+    if isinstance(value, (bytes, bytearray)):
+        return ["bytes", bytes(value).hex()]
+    if isinstance(value, dict):
+        return ["dict", [[encode(k), encode(v)] for k, v in value.items()]]
+    for kind in (list, tuple, set, frozenset):
+        if isinstance(value, kind):
+            return [kind.__name__, [encode(v) for v in value]]
+    raise Unsendable(f"a {type(value).__name__} cannot cross between the solution and the tests")
+
+class Unsendable(Exception):
+    pass
+
+CONTAINERS = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
+
+def decode(data):
+    """encode's inverse, strict: builds builtin values only, so no code of the sender's runs."""
+    if data is None or type(data) in (bool, int, float, str):
+        return data
+    if type(data) is not list or len(data) != 2 or type(data[1]) not in (list, str):
+        raise ValueError("malformed value")
+    tag, items = data
+    if tag == "bytes":
+        return bytes.fromhex(items)
+    if type(items) is not list:
+        raise ValueError("malformed value")
+    if tag == "complex" and len(items) == 2 and all(type(x) in (int, float) for x in items):
+        return complex(*items)
+    if tag == "dict":
+        return {decode(k): decode(v) for k, v in items}
+    return CONTAINERS[tag](decode(v) for v in items)
+
+def send(f, message):
+    f.write(message if isinstance(message, bytes) else json.dumps(message).encode("utf-8") + b"\n")
+    f.flush()
+
+class Verdict(BaseException):   # T's tests may catch Exception, never this
+    pass
+
+def split(report_fd, *limits):
+    limit(*limits)
+    if sys.platform.startswith("linux"):   # before the fork: U must never ptrace T or open its /proc files
+        import ctypes
+        if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:   # PR_SET_DUMPABLE, 0
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0)")
+    calls, u_calls = os.pipe()
+    u_replies, replies = os.pipe()
+    exit_now, pid = os._exit, os.fork()
+    if pid == 0:
+        try:
+            untrusted(calls, replies)
+        finally:   # whatever happens in U, it never goes on as T
+            exit_now(1)
+    os.close(calls), os.close(replies)
+    no_new_processes()
+    # U may signal T (the same user): SIGINT alone would raise inside the tests, which might catch it;
+    # any other signal stops or ends T, so no report
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    secret, _, job = sys.stdin.buffer.read().decode("utf-8").partition("\n")
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    trusted(json.loads(job), pid, open(u_calls, "wb"), open(u_replies, "rb"), reporter(report_fd, secret))
+
+def untrusted(calls, replies):
+    """U: drop everything but its pipe to T, then run the solution and answer T's calls."""
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    low, high = sorted((calls, replies))
+    os.closerange(3, low), os.closerange(low + 1, high), os.closerange(high + 1, 65536)
+    no_new_processes()
+    inbox, outbox = open(calls, "rb"), open(replies, "wb")
+    def answer(message):
+        try:   # the solution's prints, for the record
+            sys.stdout.flush()
+        except BaseException:
+            pass
+        send(outbox, message)
+    def fail(kind, detail=""):
+        answer(["fail", kind, str(detail)[:300]])
+        os._exit(1)
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    job = json.loads(inbox.readline())
+    guard(os.getcwd())
+    run(job["code"], namespace, fail)
+    if not callable(namespace.get(job["entry_point"])):
+        fail("error", f"NameError: the solution defines no function {job['entry_point']}")
+    answer(["ready"])
+    for line in inbox:
+        args, kwargs = json.loads(line)
+        try:
+            result = namespace[job["entry_point"]](*decode(args), **decode(kwargs))
+        except BaseException as e:
+            if ends_run(e):
+                fail(*ends_run(e))
+            answer(["raise", type(e).__name__, str(e)[:1000]])   # the tests may expect it: raised there
+            continue
+        try:
+            answer(json.dumps(["return", encode(result)]).encode("utf-8") + b"\n")
+        except (Unsendable, ValueError, RecursionError) as e:   # ValueError: an int too long for str()
+            fail("error", f"the result: {e}")
+    os._exit(0)
+
+def trusted(job, pid, to_u, from_u, report):
+    """T: the dataset's prompt (for its helpers), tests and check(), the entry point a proxy to U."""
+    failures = []
+    def receive():
+        line = from_u.readline(2**26)
+        if not line:
+            _, status = os.waitpid(pid, 0)
+            raise Verdict(*ended(status))
+        try:
+            message = json.loads(line)
+            if message[0] == "fail":   # U says why it failed; it can never say "passed"
+                if message[1] not in ("blocked", "memory", "exited", "error"):
+                    raise ValueError(message[1])
+                raise Verdict(message[1], str(message[2]))
+            return message[0], [decode(item) for item in message[1:]]
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
+            raise Verdict("error", f"the solution's process sent a malformed reply ({type(e).__name__})")
+
+    def proxy(*args, **kwargs):
+        if failures:
+            raise failures[0]
+        try:
+            send(to_u, [encode(list(args)), encode(kwargs)])
+            kind, items = receive()
+            if kind == "return":
+                return items[0]
+            error = exception(*items) if kind == "raise" else None
+        except BaseException as e:   # only the candidate's own exception reaches the tests as theirs
+            failures.append(e if isinstance(e, Verdict) else Verdict("error", f"{type(e).__name__}: {e}"))
+            raise failures[-1]   # kept too: a test that swallows it still fails
+        if error is None:
+            failures.append(Verdict("error", "the solution's process sent a malformed reply"))
+            raise failures[-1]
+        raise error
+    send(to_u, {"code": job["code"], "entry_point": job["entry_point"]})
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    try:
+        exec(compile(job["prompt"], "prompt.py", "exec"), namespace)   # while U runs the solution
+        if receive()[0] != "ready":
+            raise Verdict("error", "the solution's process sent a malformed reply")
+        namespace[job["entry_point"]] = proxy
+        exec(compile(job["test"], "test.py", "exec"), namespace)
+        exec(f"check({job['entry_point']})", namespace)
+        if failures:
+            raise failures[0]
+    except Verdict as e:
+        report(*e.args)
+    except MemoryError:
+        report("memory", "MemoryError")
+    except BaseException as e:
+        report("error", f"{type(e).__name__}: {e}")
+    os.kill(pid, signal.SIGKILL)
+    report("passed")
+
+def ended(status):
+    """(kind, detail) for U's end before it answered."""
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        return "killed", {"SIGXCPU": "cpu time limit", "SIGXFSZ": "output too large"}.get(name, name)
+    return "exited", f"status {os.waitstatus_to_exitcode(status)} before the tests returned"
+
+def exception(name, message):
+    """The candidate's exception as the tests can catch it: the builtin of that name, else an Exception."""
+    kind = getattr(builtins, str(name), None)
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        try:
+            return kind(message)
+        except TypeError:   # UnicodeDecodeError and the like take more arguments
+            pass
+    return Exception(f"{name}: {message}")
+
+{"whole": whole, "split": split}[sys.argv[1]](*map(int, sys.argv[2:7]))
 '''
 
 
@@ -623,9 +822,12 @@ class SandboxResult:
         return self.passed
 
 
-def run_sandboxed(code, timeout=SANDBOX_TIMEOUT, memory_mb=SANDBOX_MEMORY_MB, isolated=True):
+def run_sandboxed(code, timeout=SANDBOX_TIMEOUT, memory_mb=SANDBOX_MEMORY_MB, isolated=True, judge=None):
     """Run a Python program in a sandboxed child process; never raises for anything the program does.
-    isolated=False skips bubblewrap (the tests use it to see what the fallback holds)."""
+    judge={"prompt", "test", "entry_point"} (HumanEval): code is only the candidate's solution, run in
+    a child of the harness; the harness runs the tests and check() against it, so a pass cannot be
+    forged from inside the solution's interpreter. isolated=False skips bubblewrap (the tests use it
+    to see what the fallback holds)."""
     bwrap = bwrap_command() if isolated else None
     secret = secrets.token_hex(16)
     memory = memory_mb * 2**20 if sys.platform.startswith("linux") else 0
@@ -639,18 +841,21 @@ def run_sandboxed(code, timeout=SANDBOX_TIMEOUT, memory_mb=SANDBOX_MEMORY_MB, is
         if user >= 0:
             os.chmod(tmp, 0o711)
             os.chown(work, user, user)
-        argv = [SANDBOX_PYTHON, "-I", "-S", "-c", SANDBOX_PRELUDE, str(report_w), str(user), *limits]
+        argv = [SANDBOX_PYTHON, "-I", "-S", "-c", SANDBOX_PRELUDE, "split" if judge else "whole", str(report_w),
+                str(user), *limits]
+        job = json.dumps(dict(judge, code=code)) if judge else code
         env = {} if bwrap else {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work}
         # stdout/stderr go to files, not pipes: RLIMIT_FSIZE then also caps a program that prints forever
         with open(os.path.join(tmp, "stdout"), "w+b") as out, open(os.path.join(tmp, "stderr"), "w+b") as err:
             proc = subprocess.Popen((bwrap or []) + argv, cwd=work, stdin=subprocess.PIPE, stdout=out,
                                     stderr=err, env=env, pass_fds=(report_w,), start_new_session=True)
             os.close(report_w)
-            try:
-                proc.communicate(f"{secret}\n{code}".encode("utf-8", "replace"), timeout=timeout)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
+            try:   # the harness reads all of it before anything else
+                proc.stdin.write(f"{secret}\n{job}".encode("utf-8", "replace"))
+                proc.stdin.close()
+            except BrokenPipeError:   # it did not start; its status says why
+                pass
+            timed_out = not ended_within(proc, timeout)
             kill_group(proc)
             out.seek(0), err.seek(0)
             stdout, stderr = (f.read()[-4096:].decode("utf-8", "replace") for f in (out, err))
@@ -660,6 +865,23 @@ def run_sandboxed(code, timeout=SANDBOX_TIMEOUT, memory_mb=SANDBOX_MEMORY_MB, is
     report = report.partition(f"{secret} ")[2] if secret in report else ""   # anything else is forged
     passed, reason = sandbox_verdict(proc.returncode, report, timed_out, timeout)
     return SandboxResult(passed, reason, stdout, stderr, bwrap is not None)
+
+
+def ended_within(proc, timeout):
+    """Whether proc ended within timeout seconds. Linux: wait on a pidfd, because Popen.wait(timeout)
+    polls with sleeps doubling up to 50 ms, which made a 45 ms program take 65."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):   # macOS, or a kernel before 5.3
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
 
 
 def others_can_enter(path):

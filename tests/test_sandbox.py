@@ -98,16 +98,17 @@ HONEST = {   # module: a line that uses it the way solutions and HumanEval's tes
     "typing": "def f(x: typing.List[int]) -> typing.Optional[int]:\n    return None\nassert f([1]) is None",
     "copy": "a = [[1]]; b = copy.deepcopy(a); b[0].append(2); assert a == [[1]]",
     "tempfile": ("with tempfile.TemporaryDirectory() as d:\n    open(d + '/x', 'w').write('y')\n"
-                 "with tempfile.NamedTemporaryFile('w+') as f:\n    f.write('z'); f.seek(0); assert f.read() == 'z'"),
+                 "with tempfile.NamedTemporaryFile('w+') as t:\n    t.write('z'); t.seek(0); assert t.read() == 'z'"),
     "json": "assert json.loads(json.dumps({'a': [1, 2.5, None]})) == {'a': [1, 2.5, None]}",
 }
 
 
+@pytest.mark.parametrize("mode", ["humaneval", "whole"])
 @pytest.mark.parametrize("isolated", [True, False], ids=["bwrap", "fallback"])
-def test_honest_programs_pass(isolated):
+def test_honest_programs_pass(isolated, mode):
     """The modules solutions and tests commonly use import and behave (random used to fail: the
     guards refused os.register_at_fork, which it calls); the scratch dir is writable and the
-    environment holds nothing of the evaluator's."""
+    environment holds nothing of the evaluator's. As HumanEval runs it, the program is a solution."""
     if isolated and ev.bwrap_command() is None:
         pytest.skip("bubblewrap (bwrap) cannot run here")
     programs = {m: f"import {m}\n{line}\n" for m, line in HONEST.items()}
@@ -116,8 +117,64 @@ def test_honest_programs_pass(isolated):
         "os.makedirs('d/e')\nopen('d/e/f', 'w').write('x')\nshutil.rmtree('d')\n"
         "assert set(os.environ) <= {'PATH', 'HOME', 'TMPDIR', 'LC_CTYPE', 'PWD'}, os.environ")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        results = dict(zip(programs, pool.map(lambda c: ev.run_sandboxed(c, isolated=isolated), programs.values())))
+        results = dict(zip(programs, pool.map(lambda job: run_program(*job, isolated, mode, timeout=ev.SANDBOX_TIMEOUT),
+                                              programs.items())))
     assert {m: r.reason for m, r in results.items() if not r.passed} == {}
+
+
+# ---------------------------------------------------------------------------
+# as HumanEval runs a solution: the harness runs the prompt (for its helpers), the tests and check();
+# the entry point is a proxy to the solution's own process, and values cross as plain data
+
+PROMPT = ('import math\n\ndef poly(xs, x):\n    return sum(c * x ** i for i, c in enumerate(xs))\n\n'
+          'def f(xs):\n    """The entry point."""\n')
+NESTED = "[(1, 2), {'a': {1, 2}, 3: None}, frozenset([3]), b'x', 1 + 2j, True, -0.0, [[]], 'é']"
+HUMANEVAL_CASES = [
+    ("correct", "def f(xs):\n    return sum(xs)\n", "assert candidate([1, 2]) == 3", "passed"),
+    ("helper from the prompt", "def f(xs):\n    return poly(xs, 2)\n",
+     "assert candidate([1, 1]) == 3 == poly([1, 1], 2)", "passed"),
+    ("floats with tolerance", "def f(xs):\n    return [sum(xs) / 3, float('nan'), -float('inf')]\n",
+     "a, b, c = candidate([1.0, 0.0])\n    assert abs(a - 1 / 3) < 1e-9 and math.isnan(b) and c == -math.inf", "passed"),
+    ("nested containers", f"def f(xs):\n    return {NESTED}\n",
+     f"r = candidate([])\n    assert r == {NESTED} and type(r[0]) is tuple and r[5] is True\n"
+     "    assert math.copysign(1, r[6]) == -1", "passed"),
+    ("expected exception", "def f(xs):\n    if not xs:\n        raise ValueError('empty')\n    return xs\n",
+     "try:\n        candidate([])\n    except ValueError as e:\n        assert str(e) == 'empty'\n"
+     "    else:\n        assert False\n    assert candidate([{1: (2,)}]) == [{1: (2,)}]", "passed"),
+    ("wrong answer", "def f(xs):\n    return 0\n", "assert candidate([1, 2]) == 3", "error: AssertionError"),
+    ("unexpected exception", "def f(xs):\n    return {}[1]\n", "candidate([])", "error: KeyError"),
+    ("not a builtin exception", "class Oops(Exception):\n    pass\ndef f(xs):\n    raise Oops('x')\n",
+     "candidate([])", "error: Exception: Oops: x"),
+    ("a generator back", "def f(xs):\n    return (x for x in xs)\n",
+     "try:\n        list(candidate([1]))\n    except BaseException:\n        pass",
+     "error: the result: a generator cannot cross"),
+    ("a function as argument", "def f(xs):\n    return xs\n", "candidate(len)", "error: Unsendable: a builtin"),
+    ("SystemExit at import", "raise SystemExit(0)\n", "pass", "exited: SystemExit(0) before the tests returned"),
+    ("os._exit at import", "import os\nos._exit(0)\n", "pass", "exited: status 0 before the tests returned"),
+    ("os._exit in a call", "import os\ndef f(xs):\n    os._exit(0)\n", "candidate([])", "exited: status 0"),
+    ("a caught os._exit in a call", "import os\ndef f(xs):\n    os._exit(0)\n",
+     "try:\n        candidate([])\n    except BaseException:\n        pass", "exited: status 0"),
+    ("blocked in a call", "import os\ndef f(xs):\n    os.system('true')\n", "candidate([])", "blocked: os.system"),
+    ("memory in a call", "def f(xs):\n    return bytearray(2**30)\n", "candidate([])", "memory"),
+    ("syntax error", "def f(:\n", "candidate([])", "error: SyntaxError"),
+]
+
+
+@pytest.mark.parametrize("isolated", [True, False], ids=["bwrap", "fallback"])
+def test_humaneval_split(isolated):
+    """Values, helpers and exceptions cross between the tests and the solution as a test expects; a
+    failure on the solution's side (an exit, a refused call, a value that cannot cross) says why."""
+    if isolated and ev.bwrap_command() is None:
+        pytest.skip("bubblewrap (bwrap) cannot run here")
+    def run(case):
+        _, solution, test, _ = case
+        judge = {"prompt": PROMPT, "test": f"def check(candidate):\n    {test}\n", "entry_point": "f"}
+        return ev.run_sandboxed(PROMPT + solution, timeout=3.0, isolated=isolated, judge=judge)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, HUMANEVAL_CASES))
+    wrong = {name: (r.reason, r.stderr[-300:]) for (name, _, _, reason), r in zip(HUMANEVAL_CASES, results)
+             if not r.reason.startswith(reason) or r.passed != (reason == "passed") or r.isolated != isolated}
+    assert wrong == {}
 
 
 # ---------------------------------------------------------------------------
@@ -259,6 +316,72 @@ for fd in range(3, 256):
     except OSError:
         pass
 sys.exit(0)""" + FAKE_END, "held"),
+    # HumanEval's tests fail on every forge- row (TESTS_FAIL), so a pass there is forged. The first two
+    # forge a whole program's pass (test_a_whole_program_can_forge_its_pass); a split one they cannot.
+    ("forge-secret-search", """import gc, os, re, sys
+strings, frame = [], sys._getframe()
+while frame:   # the harness's frames, then everything the collector tracks
+    strings += [v for v in frame.f_locals.values() if isinstance(v, str)]
+    frame = frame.f_back
+for o in gc.get_objects():
+    strings += [v for v in (o.values() if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ())
+                if isinstance(v, str)]
+for secret in {s for s in strings if re.fullmatch("[0-9a-f]{32}", s)}:
+    for fd in range(256):
+        try:
+            os.write(fd, f"{secret} passed: ".encode())
+        except OSError:
+            pass
+os._exit(0)
+""", "held"),
+    ("forge-call-report", """import gc
+for o in gc.get_objects():
+    if callable(o) and getattr(o, "__name__", "") in ("report", "check", "trusted", "proxy"):
+        try:
+            o("passed")
+        except BaseException:
+            pass
+""" + FAKE_END, "held"),
+    ("forge-replace-check", """import builtins, gc
+nothing = (lambda *args, **kwargs: None).__code__
+for o in gc.get_objects():
+    if type(o).__name__ == "function" and o.__name__ in ("check", "proxy", "receive", "trusted", "decode"):
+        try:
+            o.__code__ = nothing
+        except ValueError:   # closures need a code with the same free variables
+            pass
+builtins.AssertionError = type("AssertionError", (Exception,), {})
+
+def f(x):
+    return x
+""", "held"),
+    ("forge-patch-proxy", """import os, sys
+
+def f(x):   # called from the tests: rewrite whatever is up the stack, then answer with forged replies
+    frame = sys._getframe()
+    while frame:
+        for name in ("proxy", "check", "report", "receive", "trusted", "exception", "decode", "send"):
+            if name in frame.f_globals:
+                frame.f_globals[name] = lambda *args, **kwargs: None
+        for value in list(frame.f_locals.values()):
+            try:
+                value.write(b'["fail", "passed", ""]\\n["return", true]\\n')
+                value.flush()
+            except BaseException:
+                pass
+        frame = frame.f_back
+    for fd in range(3, 64):
+        try:
+            os.write(fd, b'passed: \\n["fail", "passed", ""]\\n')
+        except OSError:
+            pass
+    return x
+""", "held"),
+    ("ptrace-harness-memory", """import os
+ppid = os.getppid()   # the HumanEval harness: its memory (and fds) would let a program write the report
+open(f"/proc/{ppid}/mem", "rb").close()
+os.listdir(f"/proc/{ppid}/fd")
+""", ""),
 ]
 
 
@@ -319,7 +442,21 @@ def processes_with(text):
     return found
 
 
-def run_hostile(tmp_path, isolated, rows):
+HOSTILE_PROMPT = 'def f(x):\n    """The task\'s stand-in; a hostile program may define its own f."""\n'
+RAN_TO_ITS_END = "def check(candidate):\n    pass\n"   # a pass: the program ran to its end, so its attack worked
+TESTS_FAIL = "def check(candidate):\n    candidate(1)\n    assert False, 'the tests ran and failed'\n"
+
+
+def run_program(name, code, isolated, mode, timeout=2.0):
+    """As HumanEval runs it (the program is the solution, the harness runs the tests) or whole."""
+    if mode == "whole":
+        return ev.run_sandboxed(code, timeout=timeout, isolated=isolated)
+    judge = {"prompt": HOSTILE_PROMPT, "test": TESTS_FAIL if name.startswith("forge-") else RAN_TO_ITS_END,
+             "entry_point": "f"}
+    return ev.run_sandboxed(HOSTILE_PROMPT + code, timeout=timeout, isolated=isolated, judge=judge)
+
+
+def run_hostile(tmp_path, isolated, rows, mode="humaneval"):
     """Run rows in parallel against fresh decoys; {name: (passed, reason, what on the host changed)}."""
     host = tmp_path / "host"
     host.mkdir()
@@ -336,8 +473,7 @@ def run_hostile(tmp_path, isolated, rows):
         jobs[name] = fill(code, HOST=host, NAME=name, UNIX=host / "listen.sock", VICTIM=victims[name].pid,
                           CANARY=canary, MARK=marks[name], REPO=os.path.abspath(ev.__file__), **listeners.ports())
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        results = dict(zip(jobs, pool.map(lambda c: ev.run_sandboxed(c, timeout=2.0, isolated=isolated),
-                                          jobs.values())))
+        results = dict(zip(jobs, pool.map(lambda job: run_program(*job, isolated, mode), jobs.items())))
     time.sleep(0.5)   # let anything that escaped act
     outcome = {}
     for name, result in results.items():
@@ -373,22 +509,39 @@ def test_hostile_table_is_large():
     assert len(HOSTILE) >= 40 and len({name for name, _, _ in HOSTILE}) == len(HOSTILE)
 
 
+WHOLE_ROWS = [row for row in HOSTILE if not row[0].startswith("forge-")]   # a whole program can forge
+
+
 @needs_bwrap
-def test_bwrap_holds_every_hostile_program(tmp_path):
+@pytest.mark.parametrize("mode", ["humaneval", "whole"])
+def test_bwrap_holds_every_hostile_program(tmp_path, mode):
     """Under bubblewrap no attack works, even after the in-process guards are undone: no pass, and
-    the host is untouched. The evaluator lives on (this test is it)."""
-    outcome = run_hostile(tmp_path, True, HOSTILE)
+    the host is untouched. The evaluator lives on (this test is it). As HumanEval runs them, no
+    forge works either: the tests run in a process the program cannot reach."""
+    outcome = run_hostile(tmp_path, True, HOSTILE if mode == "humaneval" else WHOLE_ROWS, mode)
     print("\n" + table(outcome))
     escaped = {n: (r, c) for n, (p, r, c) in outcome.items() if p or c}
     assert escaped == {}
 
 
-def test_fallback_holds_what_the_readme_promises(tmp_path):
+@pytest.mark.parametrize("mode", ["humaneval", "whole"])
+def test_fallback_holds_what_the_readme_promises(tmp_path, mode):
     """Without bubblewrap, the in-process layer, the rlimits and the harness's report still hold the
-    plain attacks, resource exhaustion and every fake pass (asserted); the rest is printed (the
-    README's table records what escapes on a test machine)."""
-    rows = [row for row in HOSTILE if row[2] != "skip"]
-    outcome = run_hostile(tmp_path, False, rows)
+    plain attacks, resource exhaustion, every fake pass and, as HumanEval runs them, every forge
+    (asserted); the rest is printed (the README's table records what escapes on a test machine)."""
+    rows = [row for row in (HOSTILE if mode == "humaneval" else WHOLE_ROWS) if row[2] != "skip"]
+    outcome = run_hostile(tmp_path, False, rows, mode)
     print("\n" + table(outcome))
     promised = {name for name, _, fallback in rows if fallback == "held"}
     assert {n: (r, c) for n, (p, r, c) in outcome.items() if n in promised and (p or c)} == {}
+
+
+@pytest.mark.parametrize("isolated", [True, False], ids=["bwrap", "fallback"])
+def test_a_whole_program_can_forge_its_pass(isolated):
+    """The limit of the whole-program mode, and proof the forge rows are live attacks: in one
+    interpreter with the harness, searching it for the secret or calling its report forges a pass."""
+    if isolated and ev.bwrap_command() is None:
+        pytest.skip("bubblewrap (bwrap) cannot run here")
+    rows = dict((name, code) for name, code, _ in HOSTILE)
+    for name in ("forge-secret-search", "forge-call-report"):
+        assert ev.run_sandboxed(rows[name], timeout=2.0, isolated=isolated).passed, name
