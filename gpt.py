@@ -16,8 +16,7 @@ The model is the late-2025 nanoGPT-family decoder (REFERENCE.md §3, "E"). Diffe
 Also here (sections in this order): the Muon + AdamW optimizer (one class for one or many
 ranks), inference (KVCache, the server's RowCache, sampling, the tool-use calculator, Engine,
 the server's BatchDecoder), runtime plumbing (devices, dtypes, torch.distributed, print0,
---name=value overrides), checkpoints and downloads. `python gpt.py export|import` runs hf.py's
-Hugging Face CLI.
+--name=value overrides), checkpoints and downloads. The Hugging Face format is hf.py's.
 """
 import ast
 import difflib
@@ -348,7 +347,7 @@ class _OneDtypeMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def preflight(model, batch_size, seq_len, optimizer, world_size, memory, memory_why, compiled=True):
+def preflight(model, batch_size, seq_len, world_size, memory, memory_why, compiled=True):
     """
     Take one step of each kind at full size on a model built on the meta device (shapes, devices
     and dtypes are checked, nothing is allocated or computed): a training step (forward, backward,
@@ -358,6 +357,7 @@ def preflight(model, batch_size, seq_len, optimizer, world_size, memory, memory_
     a message when that peak does not fit in `memory` less MEMORY_RESERVE_GIB, else None).
     """
     x = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    optimizer = model.setup_optimizer()   # the learning rates change no shape
     step = "training step"
     try:
         with _OneDtypeMatmuls():
@@ -388,8 +388,9 @@ def inference_model(model, copy=None):
     The model for work that only runs forwards (samples, evals, serving, RL rollouts): an eval-mode
     copy with its weights stored in the compute dtype, so that no forward casts the fp32 weights
     again (at d20 in bf16 those casts read 4 and write 2 bytes for each of 477M weights, 2.9 GB per
-    forward, where a decode step is bound by memory traffic). In fp32 it is the model itself. The copy does not follow the model's
-    training: pass it back as `copy` after an optimizer step to refresh it in place.
+    forward, where a decode step is bound by memory traffic). In fp32 it is the model itself. The
+    copy does not follow the model's training: pass it back as `copy` after an optimizer step to
+    refresh it in place.
     """
     if model.compute_dtype == torch.float32:
         return model
@@ -1350,27 +1351,24 @@ def _steps(ckpt_dir):
     return sorted(int(m.group(1)) for f in os.listdir(ckpt_dir) if (m := re.fullmatch(r"meta_(\d+)\.json", f)))
 
 
-def _newest(ckpt_dir, steps):
-    """The step saved last (by its meta file's time, then by step), not the highest: a fresh run
-    into a folder that still holds a longer old run must resume, and hand on, its own checkpoints."""
-    return max(steps, key=lambda s: (os.stat(os.path.join(ckpt_dir, f"meta_{s:06d}.json")).st_mtime_ns, s))
+def _newest_first(ckpt_dir, steps):
+    """The steps, the one saved last first (by its meta file's time, then by step), not the highest:
+    a fresh run into a folder that still holds a longer old run must resume, and hand on, its own."""
+    return sorted(steps, key=lambda s: (os.stat(os.path.join(ckpt_dir, f"meta_{s:06d}.json")).st_mtime_ns, s),
+                  reverse=True)
 
 
 def read_meta(stage, tag=None):
     """The meta of the stage's checkpoint saved last, without reading its weights."""
-    ckpt_dir = _checkpoint_dir(stage, tag)
-    steps = _steps(ckpt_dir)
-    if not steps:
-        raise FileNotFoundError(f"no {stage} checkpoint under {ckpt_dir or os.path.join(home(), 'checkpoints', stage)}: "
-                                f"run the {stage} stage first")
-    with open(os.path.join(ckpt_dir, f"meta_{_newest(ckpt_dir, steps):06d}.json"), encoding="utf-8") as f:
+    ckpt_dir, steps = require_checkpoint(stage, tag)
+    with open(os.path.join(ckpt_dir, f"meta_{_newest_first(ckpt_dir, steps)[0]:06d}.json"), encoding="utf-8") as f:
         return json.load(f)
 
 
 def latest_step(stage, tag=None):
     ckpt_dir = _checkpoint_dir(stage, tag)
     steps = _steps(ckpt_dir)
-    return _newest(ckpt_dir, steps) if steps else None
+    return _newest_first(ckpt_dir, steps)[0] if steps else None
 
 
 def save_checkpoint(stage, step, model, meta, optimizer=None, rank=0, tag=None):
@@ -1473,9 +1471,7 @@ def load_checkpoint(stage, device, step=None, tag=None, tokenizer=None, rank=0, 
         if step not in steps:
             raise FileNotFoundError(f"no {stage} checkpoint for step {step} in {ckpt_dir} (have {steps})")
         return _read_checkpoint(ckpt_dir, step, device, dtype, tokenizer, rank)
-    # newest first, as _newest picks (a damaged meta still has a time)
-    order = sorted(steps, key=lambda s: (os.stat(os.path.join(ckpt_dir, f"meta_{s:06d}.json")).st_mtime_ns, s),
-                   reverse=True)
+    order = _newest_first(ckpt_dir, steps)   # a damaged meta still has a time
     for i, s in enumerate(order):
         try:
             return _read_checkpoint(ckpt_dir, s, device, dtype, tokenizer, rank)
@@ -1626,8 +1622,3 @@ def fetch_hub(repo, filename):
 def fetch_file(name):
     """A non-hub file (eval bundle, identity conversations, word list) at $SLIMCHAT_HOME/files/<name>."""
     return download(files_url(name), os.path.join(home(), "files", name))
-
-
-if __name__ == "__main__":   # the Hugging Face CLI lives in hf.py; this spelling of it works too
-    import hf
-    hf.main(sys.argv[1:])

@@ -5,8 +5,8 @@ reads checkpoints/<stage>/<tag>/ and the tokenizer under $SLIMCHAT_HOME (export)
 config.json, model.safetensors (or shards) and tokenizer.json (import); writes the other.
   python hf.py export --stage=sft --out=DIR [--step=N] [--tag=d20] [--dtype=bfloat16|float32]
   python hf.py import --from=DIR [--stage=sft|base] [--tag=NAME]
-(`python gpt.py export|import` runs the same.) The safetensors files are written and read with the
-standard library and torch alone: the safetensors package is not needed at run time.
+The safetensors files are written and read with the standard library and torch alone: the
+safetensors package is not needed at run time.
 """
 import json
 import math

@@ -204,9 +204,8 @@ if __name__ == "__main__":
     gpt.print0(f"{grad_accum} micro-step(s) of {tokens_per_micro_step:,} tokens per step; horizon "
                + (f"{num_steps} steps" if num_steps > 0 else "one pass over the mixture"))
     if preflight:   # one training, eval and decode step at full size, and the memory they need
-        optimizer = raw_model.setup_optimizer()
         memory, memory_why = gpt.gpu_memory(gpu_memory_gib)
-        line, too_big = gpt.preflight(raw_model, device_batch_size, max_seq_len, optimizer, world_size, memory,
+        line, too_big = gpt.preflight(raw_model, device_batch_size, max_seq_len, world_size, memory,
                                       memory_why, compiled=bool(use_compile))
         print(f"preflight: {device_batch_size} rows x {max_seq_len} tokens per GPU; peak memory per GPU {line}")
         sys.exit(too_big)   # None: exit 0

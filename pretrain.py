@@ -469,10 +469,9 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ preflight: the plan at full size, then exit
     if preflight:
-        optimizer = raw_model.setup_optimizer(embedding_lr, unembedding_lr, matrix_lr, weight_decay)
         # one training, eval and decode step at full size (it stops here on a device or dtype mismatch)
-        memory_line, too_big = gpt.preflight(raw_model, device_batch_size, max_seq_len, optimizer, world_size,
-                                             memory, memory_why, compiled)
+        memory_line, too_big = gpt.preflight(raw_model, device_batch_size, max_seq_len, world_size, memory,
+                                             memory_why, compiled)
         gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else gpt.ASSUMED_GPU[0]
         gpu_flops = gpt.peak_flops(gpu_name)
         train_tokens = horizon * total_batch_size

@@ -201,9 +201,8 @@ if __name__ == "__main__":
         f"x {world_size} ranks = {examples_per_micro_step}")
     grad_accum = examples_per_step // examples_per_micro_step
     if preflight:   # one training, eval and decode step at full size (rows padded to max_seq_len at worst)
-        optimizer = model.setup_optimizer()
         memory, memory_why = gpt.gpu_memory(gpu_memory_gib)
-        line, too_big = gpt.preflight(model, device_batch_size, max_seq_len, optimizer, world_size, memory,
+        line, too_big = gpt.preflight(model, device_batch_size, max_seq_len, world_size, memory,
                                       memory_why, compiled=False)
         print(f"preflight: {device_batch_size} rows of up to {max_seq_len} tokens per GPU; peak memory per GPU {line}")
         sys.exit(too_big)   # None: exit 0
@@ -247,7 +246,7 @@ if __name__ == "__main__":
                              "world_size": world_size, "num_steps": num_steps,
                              "train_conversations": len(train_set)})
     stop_signal = gpt.stop_requests()   # filled by Ctrl-C / SIGTERM; acted on at the top of the next step
-    val_bpb = None
+    val_bpb, infer = None, None   # infer: the compute-dtype copy for the multiple-choice evals
     while True:
         last_step = step == num_steps
         stop = gpt.rank_max([len(stop_signal)], ddp, dev)[0] > 0   # every rank stops at the same step
@@ -264,7 +263,7 @@ if __name__ == "__main__":
                 gpt.log_jsonl(log_path, {"step": step, "val_bpb": val_bpb, "eval_peak_mem_gib": eval_mem})
             model.train()
         if fresh and (last_step or (mc_every > 0 and step % mc_every == 0)):
-            infer = gpt.inference_model(model).eval()   # weights in the compute dtype for the eval's forwards
+            infer = gpt.inference_model(model, infer).eval()   # compute-dtype weights, refreshed in place
             engine = gpt.Engine(infer, tok)
             accuracy = {name: evaluate.run_chat_eval(task, infer, tok, engine, max_problems=mc_problems)
                         for name, task in mc_tasks.items()}

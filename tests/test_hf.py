@@ -226,16 +226,16 @@ def test_cli_export_then_import_then_serve(tok, model, tmp_path):
     def run(*args, home_dir):
         return subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(env, SLIMCHAT_HOME=str(home_dir)),
                               capture_output=True, text=True, timeout=300)
-    proc = run("gpt.py", "export", f"--out={tmp_path / 'out'}", "--dtype=float32", home_dir=home)
+    proc = run("hf.py", "export", f"--out={tmp_path / 'out'}", "--dtype=float32", home_dir=home)
     assert proc.returncode == 0, proc.stderr
     assert "| GSM8K | 0.3500 |" in (tmp_path / "out" / "README.md").read_text()
     proc = run("hf.py", "import", f"--from={tmp_path / 'out'}", home_dir=fresh)
     assert proc.returncode == 0, proc.stderr
-    proc = run("gpt.py", "import", f"--from={tmp_path / 'out'}", home_dir=fresh)
+    proc = run("hf.py", "import", f"--from={tmp_path / 'out'}", home_dir=fresh)
     assert proc.returncode != 0 and "already holds checkpoints; pass --tag=NAME" in proc.stderr
     other = tmp_path / "other"   # a home whose checkpoints need another tokenizer is left alone
     bpe.Tokenizer.train(docs(20), 300).save(str(other / "tokenizer" / "tokenizer.json"))
-    proc = run("gpt.py", "import", f"--from={tmp_path / 'out'}", home_dir=other)
+    proc = run("hf.py", "import", f"--from={tmp_path / 'out'}", home_dir=other)
     assert proc.returncode != 0 and "holds a different tokenizer" in proc.stderr and not (other / "checkpoints").exists()
     proc = run("serve.py", "-p", "Hi", "--temperature=0", "--max_tokens=8", home_dir=fresh)
     assert proc.returncode == 0, proc.stderr

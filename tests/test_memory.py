@@ -261,7 +261,7 @@ def test_preflight_stops_on_a_device_or_dtype_mismatch():
     only to fail on the GPU: the preflight names the step instead."""
     config = gpt.GPTConfig(sequence_len=64, vocab_size=300, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
     model = gpt.new_model(config, "meta", torch.bfloat16)
-    args = (model.setup_optimizer(), 1, 80 * 2**30, "80 GiB")
+    args = (1, 80 * 2**30, "80 GiB")
     assert gpt.preflight(model, 2, 64, *args)[1] is None
     model.cos = torch.zeros(model.cos.shape)   # a rotary table left on the CPU
     with pytest.raises(SystemExit, match="training step fails.*cpu"):
@@ -270,7 +270,7 @@ def test_preflight_stops_on_a_device_or_dtype_mismatch():
     with torch.device("meta"):
         model.lm_head = torch.nn.Linear(64, 300, bias=False)   # a plain Linear: no cast to bf16
     with pytest.raises(SystemExit, match="mixes dtypes"):
-        gpt.preflight(model, 2, 64, model.setup_optimizer(), 1, 80 * 2**30, "80 GiB")
+        gpt.preflight(model, 2, 64, 1, 80 * 2**30, "80 GiB")
 
 
 # --- enough data ----------------------------------------------------------------------------------
